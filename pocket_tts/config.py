@@ -1,0 +1,180 @@
+"""The model configuration: the YAML schema of Kyutai's released configs.
+
+Only the architecture family of the released English model is implemented;
+optional keys that select another family are accepted at their neutral value
+and rejected otherwise, so a config we cannot run fails at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).parent / "config"
+DEFAULT_LANGUAGE = "english"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FlowHeadConfig(_Strict):
+    dim: int
+    depth: int
+    type: str = "lsd"
+
+
+class FlowTransformerConfig(_Strict):
+    d_model: int
+    hidden_scale: int
+    max_period: int
+    num_heads: int
+    num_layers: int
+    attn_dim: int | None = None
+    num_kv_heads: int | None = None
+    dim_feedforward: int | None = None
+
+    @property
+    def feedforward(self) -> int:
+        return self.dim_feedforward or self.d_model * self.hidden_scale
+
+
+class LookupTableConfig(_Strict):
+    dim: int
+    n_bins: int
+    tokenizer: str
+    tokenizer_path: str
+    rank: int | None = None
+
+
+class FlowLMConfig(_Strict):
+    dtype: str
+    flow: FlowHeadConfig
+    transformer: FlowTransformerConfig
+    lookup_table: LookupTableConfig
+    weights_path: str | None = None
+    insert_bos_before_voice: bool = False
+    z_dim: int | None = None
+
+
+class SEANetConfig(_Strict):
+    dimension: int
+    channels: int
+    n_filters: int
+    n_residual_layers: int
+    ratios: list[int]
+    kernel_size: int
+    residual_kernel_size: int
+    last_kernel_size: int
+    dilation_base: int
+    pad_mode: str
+    compress: int
+
+
+class MimiTransformerConfig(_Strict):
+    d_model: int
+    input_dimension: int
+    output_dimensions: tuple[int, ...]
+    num_heads: int
+    num_layers: int
+    layer_scale: float
+    context: int
+    max_period: float = 10000.0
+    dim_feedforward: int
+
+
+class QuantizerConfig(_Strict):
+    dimension: int
+    output_dimension: int
+
+
+class MimiConfig(_Strict):
+    dtype: str
+    sample_rate: int
+    channels: int
+    frame_rate: float
+    seanet: SEANetConfig
+    transformer: MimiTransformerConfig
+    quantizer: QuantizerConfig
+    weights_path: str | None = None
+    inner_dim: int | None = None
+    outer_dim: int | None = None
+    decoder_seanet: SEANetConfig | None = None
+    decoder_transformer: MimiTransformerConfig | None = None
+
+
+class ModelConfig(_Strict):
+    flow_lm: FlowLMConfig
+    mimi: MimiConfig
+    weights_path: str | None = None
+    weights_path_without_voice_cloning: str | None = None
+    pad_with_spaces_for_short_inputs: bool = False
+    remove_semicolons: bool = False
+    append_terminal_punctuation: bool = True
+    capitalize_first_letter: bool = True
+    replace_characters: dict[str, str] = {}
+    model_recommended_frames_after_eos: int | None = None
+    default_temperature: float = 0.3
+    default_eos_threshold: float = -4.0
+
+    @model_validator(mode="after")
+    def _supported_architecture(self) -> "ModelConfig":
+        fl, mimi = self.flow_lm, self.mimi
+        unsupported = {
+            "flow_lm.flow.type": fl.flow.type != "lsd",
+            "flow_lm.transformer.attn_dim": fl.transformer.attn_dim not in (None, fl.transformer.d_model),
+            "flow_lm.transformer.num_kv_heads": fl.transformer.num_kv_heads
+            not in (None, fl.transformer.num_heads),
+            "flow_lm.z_dim": fl.z_dim is not None,
+            "flow_lm.lookup_table.rank": fl.lookup_table.rank is not None,
+            "mimi.decoder_seanet": mimi.decoder_seanet is not None,
+            "mimi.decoder_transformer": mimi.decoder_transformer is not None,
+            "flow_lm.dtype": fl.dtype != "float32",
+            "mimi.dtype": mimi.dtype != "float32",
+        }
+        bad = [key for key, is_bad in unsupported.items() if is_bad]
+        if bad:
+            raise ValueError(f"this engine does not implement the config option(s) {', '.join(bad)}")
+        if fl.transformer.d_model % fl.transformer.num_heads:
+            raise ValueError("flow_lm.transformer.d_model must be a multiple of num_heads")
+        if fl.lookup_table.dim != fl.transformer.d_model:
+            raise ValueError("flow_lm.lookup_table.dim must equal flow_lm.transformer.d_model")
+        return self
+
+    @property
+    def latent_dim(self) -> int:
+        return self.mimi.quantizer.dimension
+
+
+def available_languages() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def config_path_for_language(language: str) -> Path:
+    path = CONFIGS_DIR / f"{language}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown language {language!r}; available: {', '.join(available_languages())}")
+    return path
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read and validate a YAML config; errors name the file and the offending key."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"config must be a .yaml file, got {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a YAML mapping")
+    try:
+        return ModelConfig(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise ValueError(f"invalid config {path}: {where}: {first['msg']}") from None
