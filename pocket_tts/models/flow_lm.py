@@ -1,0 +1,183 @@
+"""FlowLM: a causal transformer over [voice prompt, text, latents] and the flow head that
+turns its output into the next continuous latent.
+
+Latents live in a normalised "flow space"; `emb_std`/`emb_mean` map them to the
+Mimi codec's space. A NaN input latent marks the beginning of speech and is
+replaced by the learnt `bos_emb`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocket_tts.config import FlowLMConfig
+from pocket_tts.models.transformer import LayerState, Transformer
+
+VoiceState = dict[str, LayerState]
+
+
+class VarianceNorm(nn.Module):
+    """x * alpha / sqrt(unbiased variance + eps), without centring: the flow head's time-embedding norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.alpha = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.alpha * torch.rsqrt(x.var(dim=-1, keepdim=True) + self.eps))
+
+
+class TimeEmbedding(nn.Module):
+    """Scalar time in [0, 1] -> vector, through sinusoidal features and a small MLP."""
+
+    def __init__(self, dim: int, n_frequencies: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        half = n_frequencies // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+        self.mlp = nn.Sequential(nn.Linear(n_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim), VarianceNorm(dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t * self.freqs
+        return self.mlp(torch.cat((torch.cos(angles), torch.sin(angles)), dim=-1))
+
+
+def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ln: nn.Module | None) -> torch.Tensor:
+    if ln is None:
+        normed = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    else:
+        normed = F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, eps=1e-6)
+    return normed * (1 + scale) + shift
+
+
+class FlowResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulated_norm(x, shift, scale, self.in_ln))
+
+
+class FlowFinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(_modulated_norm(x, shift, scale, None))
+
+
+class FlowHead(nn.Module):
+    """v(c, s, t, x): the direction from x at time s to the sample at time t, given backbone output c."""
+
+    def __init__(self, latent_dim: int, dim: int, cond_dim: int, depth: int):
+        super().__init__()
+        self.time_embed = nn.ModuleList(TimeEmbedding(dim) for _ in range(2))
+        self.cond_embed = nn.Linear(cond_dim, dim)
+        self.input_proj = nn.Linear(latent_dim, dim)
+        self.res_blocks = nn.ModuleList(FlowResBlock(dim) for _ in range(depth))
+        self.final_layer = FlowFinalLayer(dim, latent_dim)
+
+    def condition(self, c: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        time = (self.time_embed[0](s) + self.time_embed[1](t)) / 2
+        return time + self.cond_embed(c)
+
+    def forward(self, c: torch.Tensor, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.velocity(self.condition(c, s, t), x)
+
+    def velocity(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_proj(x)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+
+class TextEmbedding(nn.Module):
+    """Lookup table for token ids (one spare row at the end, unused at inference)."""
+
+    def __init__(self, n_bins: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(n_bins + 1, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+class FlowLM(nn.Module):
+    def __init__(self, cfg: FlowLMConfig, latent_dim: int):
+        super().__init__()
+        tcfg = cfg.transformer
+        d = tcfg.d_model
+        self.dim, self.latent_dim = d, latent_dim
+        self.conditioner = TextEmbedding(cfg.lookup_table.n_bins, d)
+        self.flow_net = FlowHead(latent_dim, cfg.flow.dim, d, cfg.flow.depth)
+        self.register_buffer("emb_std", torch.ones(latent_dim))
+        self.register_buffer("emb_mean", torch.zeros(latent_dim))
+        self.bos_emb = nn.Parameter(torch.zeros(latent_dim))
+        self.insert_bos_before_voice = cfg.insert_bos_before_voice
+        if self.insert_bos_before_voice:
+            self.bos_before_voice = nn.Parameter(torch.zeros(1, 1, d))
+        self.speaker_proj_weight = nn.Parameter(torch.zeros(d, latent_dim))
+        self.input_linear = nn.Linear(latent_dim, d, bias=False)
+        self.transformer = Transformer(d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period))
+        self.out_norm = nn.LayerNorm(d, eps=1e-5)
+        self.out_eos = nn.Linear(d, 1)
+
+    # --- streaming state -------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        return [f"transformer.layers.{i}.self_attn" for i in range(len(self.transformer.layers))]
+
+    def init_state(self, batch_size: int, capacity: int) -> VoiceState:
+        return {
+            name: layer.self_attn.init_linear_state(batch_size, capacity)
+            for name, layer in zip(self.layer_names(), self.transformer.layers)
+        }
+
+    def _layer_states(self, state: VoiceState) -> list[LayerState]:
+        return [state[name] for name in self.layer_names()]
+
+    # --- forward pieces ---------------------------------------------------------------
+    def speaker_prompt(self, mimi_latents: torch.Tensor) -> torch.Tensor:
+        """Voice-prompt embeddings [B, 1 + frames, d] from Mimi-space encoder latents [B, frames, latent]."""
+        prompt = F.linear(mimi_latents, self.speaker_proj_weight)
+        if self.insert_bos_before_voice:
+            prompt = torch.cat((self.bos_before_voice.expand(prompt.shape[0], -1, -1), prompt), dim=1)
+        return prompt
+
+    def embed_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = torch.where(torch.isnan(latents), self.bos_emb, latents)
+        return self.input_linear(latents)
+
+    def backbone(self, inputs: torch.Tensor, state: VoiceState | None) -> torch.Tensor:
+        """Run embeddings [B, T, d] through the transformer and the output norm."""
+        out = self.transformer(inputs, None if state is None else self._layer_states(state))
+        return self.out_norm(out)
+
+    def prompt(self, embeddings: torch.Tensor, state: VoiceState) -> None:
+        """Feed conditioning (voice prompt or text embeddings) into the cache; outputs are not needed."""
+        self.transformer(embeddings, self._layer_states(state))
+
+    def eos_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_eos(hidden)
+
+    def sample(self, hidden: torch.Tensor, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """Lagrangian self-distillation decode: `steps` jumps from x0 = noise along the flow."""
+        x = noise
+        for i in range(steps):
+            s = torch.full_like(x[..., :1], i / steps)
+            t = torch.full_like(x[..., :1], (i + 1) / steps)
+            x = x + self.flow_net(hidden, s, t, x) / steps
+        return x
+
+    def to_mimi_space(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.emb_std + self.emb_mean

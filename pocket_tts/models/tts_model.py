@@ -1,0 +1,344 @@
+"""TTSModel: loading a released checkpoint, building voice states, and generating speech.
+
+Importing this module applies POCKET_TTS_NUM_THREADS (default 1) to torch once
+per process; see docs/threading.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pocket_tts import audio as audio_io
+from pocket_tts.config import CONFIGS_DIR, DEFAULT_LANGUAGE, ModelConfig, config_path_for_language, load_config
+from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
+from pocket_tts.models.flow_lm import FlowLM, VoiceState
+from pocket_tts.models.mimi import Mimi
+from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
+from pocket_tts.threads import threads_from_env
+from pocket_tts.weights import assign_checkpoint, read_safetensors
+
+torch.set_num_threads(threads_from_env())
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS_PER_CHUNK = 50
+TOKENS_PER_SECOND = 3.0  # speaking-rate estimate that bounds the length of a chunk
+EXTRA_SECONDS = 2.0
+MIN_FRAMES_BEFORE_EOS = 6  # early EOS flags fire before speech starts for some voices
+FADE_IN_SECONDS = 0.005  # hides the step a fresh decoder state puts in its first samples
+MAX_PROMPT_SECONDS = 30.0
+
+VOICE_STATES_REPO = "hf://kyutai/pocket-tts-without-voice-cloning/languages/{language}/embeddings/{name}.safetensors@a7056f505a4a8ca72d8b5fb1440071d6f1a35739"
+# Kyutai's catalog of voices, available as precomputed voice states for every language.
+PREDEFINED_VOICES = (
+    "alba", "marius", "javert", "jean", "fantine", "cosette", "eponine", "azelma",
+    "anna", "vera", "charles", "paul", "george", "mary", "jane", "michael", "eve",
+    "bill_boerst", "peter_yearsley", "stuart_bell", "caro_davy",
+    "giovanni", "lola", "juergen", "rafael", "daan", "estelle",
+)  # fmt: skip
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+@dataclass
+class LatentStep:
+    """One autoregressive step: the latent (flow space), its EOS logit, the backbone output."""
+
+    latent: torch.Tensor
+    eos_logit: float
+    hidden: torch.Tensor
+
+
+class TTSModel(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, temp: float, sampler_decode_steps: int,
+                 noise_clamp: float | None, eos_threshold: float, language: str | None = None):  # fmt: skip
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.flow_lm = FlowLM(config.flow_lm, config.latent_dim)
+        self.mimi = Mimi.from_config(config.mimi)
+        self.temp = temp
+        self.sampler_decode_steps = sampler_decode_steps
+        self.noise_clamp = noise_clamp
+        self.eos_threshold = eos_threshold
+        self.language = language
+        self.has_voice_cloning = True
+        self.text_options = TextOptions(
+            replace_characters=dict(config.replace_characters),
+            remove_semicolons=config.remove_semicolons,
+            append_terminal_punctuation=config.append_terminal_punctuation,
+            capitalize_first_letter=config.capitalize_first_letter,
+            pad_with_spaces_for_short_inputs=config.pad_with_spaces_for_short_inputs,
+        )
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.mimi.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow_lm.bos_emb.device
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_model(
+        cls,
+        language: str | None = None,
+        config: str | Path | None = None,
+        weights: str | Path | None = None,
+        temp: float | None = None,
+        sampler_decode_steps: int = 1,
+        noise_clamp: float | None = None,
+        eos_threshold: float | None = None,
+        lsd_decode_steps: int | None = None,
+    ) -> "TTSModel":
+        """Build the model of a config and load its weights.
+
+        `language` picks a shipped config (default "english"); `config` is a YAML
+        path instead (local or hf://). `weights` is a local model.safetensors that
+        replaces the config's `weights_path`. None means the config's default for
+        `temp` and `eos_threshold`. `lsd_decode_steps` is the older name of
+        `sampler_decode_steps`.
+        """
+        if config is not None and language is not None:
+            raise ValueError("pass either language or config, not both")
+        if lsd_decode_steps is not None:
+            sampler_decode_steps = lsd_decode_steps
+        if sampler_decode_steps < 1:
+            raise ValueError("sampler_decode_steps must be at least 1")
+        if config is None:
+            language = language or DEFAULT_LANGUAGE
+            config_path = config_path_for_language(language)
+        else:
+            config_path = resolve_file(config, "config") if is_hub_path(config) else Path(config)
+        cfg = load_config(config_path)
+        tokenizer = Tokenizer(
+            resolve_file(cfg.flow_lm.lookup_table.tokenizer_path, "tokenizer", relative_to=config_path.parent),
+            cfg.flow_lm.lookup_table.tokenizer,
+            cfg.flow_lm.lookup_table.n_bins,
+        )
+        with torch.device("meta"):
+            model = cls(
+                cfg,
+                tokenizer,
+                temp=cfg.default_temperature if temp is None else float(temp),
+                sampler_decode_steps=sampler_decode_steps,
+                noise_clamp=noise_clamp,
+                eos_threshold=cfg.default_eos_threshold if eos_threshold is None else float(eos_threshold),
+                language=language if config is None else None,
+            )
+        weights_file = model._resolve_weights(weights, config_path)
+        assign_checkpoint(model, read_safetensors(weights_file), str(weights_file))
+        model.eval()
+        model.requires_grad_(False)
+        logger.info("loaded %s with weights %s", config_path, weights_file)
+        return model
+
+    def _resolve_weights(self, weights: str | Path | None, config_path: Path) -> Path:
+        if weights is not None:
+            return resolve_file(weights, "weights")
+        cfg = self.config
+        if cfg.weights_path is None:
+            raise ModelFileError(
+                f"config {config_path} names no weights_path; pass weights=<model.safetensors> "
+                "(CLI: --weights, workers: POCKET_TTS_WEIGHTS)"
+            )
+        try:
+            return resolve_file(cfg.weights_path, "weights", relative_to=config_path.parent)
+        except ModelFileError:
+            if cfg.weights_path_without_voice_cloning is None:
+                raise
+            # The voice-cloning weights are gated on the hub; the catalog-voice weights are not.
+            self.has_voice_cloning = False
+            logger.warning("voice-cloning weights unavailable, using %s", cfg.weights_path_without_voice_cloning)
+            return resolve_file(cfg.weights_path_without_voice_cloning, "weights", relative_to=config_path.parent)
+
+    # ------------------------------------------------------------------ voices
+    @torch.inference_mode()
+    def get_state_for_audio_prompt(self, audio_conditioning: str | Path | torch.Tensor, truncate: bool = False) -> VoiceState:
+        """Voice state from a catalog voice name, an audio file, a voice-state .safetensors, or a 24 kHz waveform."""
+        if isinstance(audio_conditioning, torch.Tensor):
+            return self._state_from_waveform(audio_conditioning.reshape(1, -1).float())
+        source = str(audio_conditioning)
+        if source.split("@")[0].endswith(".safetensors"):
+            return self.import_voice_state(resolve_file(source, "voice state"))
+        if isinstance(audio_conditioning, str) and source in PREDEFINED_VOICES:
+            return self.import_voice_state(resolve_file(self._catalog_voice_path(source), f"voice {source!r}"))
+        if not is_hub_path(source) and not Path(source).suffix and not Path(source).exists():
+            raise ValueError(
+                f"unknown voice {source!r}: use a catalog voice ({', '.join(PREDEFINED_VOICES[:8])}, ...), "
+                "an audio file or a voice-state .safetensors"
+            )
+        if not self.has_voice_cloning:
+            raise ValueError(
+                "voice cloning needs the gated kyutai/pocket-tts weights (accept the terms on the hub and "
+                "log in with `hf auth login`); without them use a catalog voice"
+            )
+        wav, rate = audio_io.read_audio(resolve_file(source, "voice audio"))
+        if truncate:
+            wav = wav[..., : int(MAX_PROMPT_SECONDS * rate)]
+        return self._state_from_waveform(audio_io.resample(wav, rate, self.sample_rate))
+
+    def _catalog_voice_path(self, name: str) -> str:
+        if self.language is None:
+            raise ValueError(
+                f"catalog voice {name!r} needs a model loaded by language (its voice states were computed "
+                "with the released weights); with a custom config use an audio file or a voice-state file"
+            )
+        return VOICE_STATES_REPO.format(language=self.language, name=name)
+
+    def _state_from_waveform(self, wav: torch.Tensor) -> VoiceState:
+        wav = audio_io.end_on_pause(wav, self.sample_rate)
+        latents = self.mimi.encode(wav[None])
+        prompt = self.flow_lm.speaker_prompt(latents)
+        state = self.flow_lm.init_state(1, prompt.shape[1])
+        self.flow_lm.prompt(prompt, state)
+        return state
+
+    def import_voice_state(self, path: str | Path) -> VoiceState:
+        """Read a voice state written by `export_model_state` (or the older `current_end` layout)."""
+        state: VoiceState = {}
+        for key, tensor in read_safetensors(path).items():
+            module, _, field = key.rpartition("/")
+            layer = state.setdefault(module, {})
+            if field == "current_end":  # older files stored the length of this tensor as the offset
+                layer["offset"] = torch.full((1,), tensor.shape[0], dtype=torch.long)
+            else:
+                layer[field] = tensor.clone()
+        self._check_voice_state(state, str(path))
+        for layer in state.values():
+            layer.setdefault("pad", torch.zeros_like(layer["offset"]))
+        return state
+
+    def _check_voice_state(self, state: VoiceState, source: str) -> None:
+        names = self.flow_lm.layer_names()
+        attn = self.flow_lm.transformer.layers[0].self_attn
+        problem = None
+        if sorted(state) != sorted(names):
+            problem = f"it has modules {sorted(state)[:3]}..., the model expects {names[:3]}..."
+        else:
+            for name in names:
+                layer = state[name]
+                cache = layer.get("cache")
+                if cache is None or "offset" not in layer:
+                    problem = f"{name} lacks cache/offset"
+                elif cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (attn.num_heads, attn.head_dim):
+                    problem = f"{name}/cache has shape {list(cache.shape)}, expected [2, B, T, {attn.num_heads}, {attn.head_dim}]"
+                elif int(layer["offset"].view(-1)[0]) > cache.shape[2]:
+                    problem = f"{name}/offset exceeds its cache length"
+                if problem:
+                    break
+        if problem:
+            raise ValueError(f"voice state {source} does not belong to this model: {problem}")
+
+    # ------------------------------------------------------------------ generation
+    def generate_audio(self, model_state: VoiceState, text_to_generate: str, max_tokens: int = MAX_TOKENS_PER_CHUNK,
+                       frames_after_eos: int | None = None, copy_state: bool = True, temp: float | None = None) -> torch.Tensor:  # fmt: skip
+        """The whole utterance as a 1-D float32 tensor at `sample_rate`."""
+        pieces = list(self.generate_audio_stream(model_state, text_to_generate, max_tokens, frames_after_eos, copy_state, temp))
+        return torch.cat(pieces) if pieces else torch.zeros(0)
+
+    def generate_audio_stream(self, model_state: VoiceState, text_to_generate: str, max_tokens: int = MAX_TOKENS_PER_CHUNK,
+                              frames_after_eos: int | None = None, copy_state: bool = True,
+                              temp: float | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Yield 1-D audio pieces as frames are produced; their concatenation is `generate_audio`'s output."""
+        temp = self.temp if temp is None else float(temp)
+        if temp < 0 or not math.isfinite(temp):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if frames_after_eos is None:
+            frames_after_eos = self.config.model_recommended_frames_after_eos
+        for chunk in split_into_chunks(text_to_generate, self.tokenizer, max_tokens, self.text_options):
+            prepared, guess = prepare_text(chunk, self.text_options)
+            ids = self.tokenizer.encode(prepared)
+            after_eos = guess + 2 if frames_after_eos is None else frames_after_eos
+            yield from self._speak_chunk(model_state, ids, after_eos, copy_state, temp)
+
+    def max_frames(self, token_count: int) -> int:
+        return math.ceil((token_count / TOKENS_PER_SECOND + EXTRA_SECONDS) * self.config.mimi.frame_rate)
+
+    @torch.inference_mode()
+    def _speak_chunk(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int, copy_state: bool,
+                     temp: float) -> Iterator[torch.Tensor]:  # fmt: skip
+        started = time.perf_counter()
+        decoder_state = self.mimi.init_decoder_state(1)
+        fade = torch.linspace(0, 1, int(self.sample_rate * FADE_IN_SECONDS))
+        n_samples = 0
+        for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp):
+            audio = self.mimi.decode(self.flow_lm.to_mimi_space(step.latent), decoder_state)[0, 0]
+            if n_samples == 0:
+                audio[: fade.numel()] *= fade[: audio.numel()]
+            n_samples += audio.numel()
+            yield audio
+        elapsed = time.perf_counter() - started
+        logger.debug("chunk: %.2f s of audio in %.2f s", n_samples / self.sample_rate, elapsed)
+
+    @torch.inference_mode()
+    def generate_latents(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int,
+                         copy_state: bool = True, temp: float = 0.0) -> Iterator[LatentStep]:  # fmt: skip
+        """The autoregressive loop of one chunk: prompt the text, then one latent per step until EOS."""
+        max_frames = self.max_frames(len(ids))
+        state = self._chunk_state(voice_state, len(ids) + max_frames, copy_state)
+        flow_lm = self.flow_lm
+        flow_lm.prompt(flow_lm.conditioner(torch.tensor([ids], dtype=torch.long)), state)
+        latent = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
+        eos_step = None
+        for step in range(max_frames):
+            hidden = flow_lm.backbone(flow_lm.embed_latents(latent), state)[:, -1]
+            eos_logit = float(flow_lm.eos_logit(hidden))
+            if eos_step is None and eos_logit > self.eos_threshold and step >= MIN_FRAMES_BEFORE_EOS:
+                eos_step = step
+            if eos_step is not None and step >= eos_step + frames_after_eos:
+                return
+            latent = flow_lm.sample(hidden, self._noise(temp), self.sampler_decode_steps)[:, None]
+            yield LatentStep(latent, eos_logit, hidden)
+        logger.warning("no end of speech detected within %d frames; the chunk was cut", max_frames)
+
+    def _noise(self, temp: float) -> torch.Tensor:
+        shape = (1, self.flow_lm.latent_dim)
+        if temp == 0:
+            return torch.zeros(shape)
+        std = math.sqrt(temp)
+        if self.noise_clamp is None:
+            return torch.randn(shape) * std
+        return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-self.noise_clamp, b=self.noise_clamp)
+
+    def _chunk_state(self, voice_state: VoiceState, extra_positions: int, copy_state: bool) -> VoiceState:
+        """A state whose caches hold the voice prompt and room for `extra_positions` more."""
+        state = {} if copy_state else voice_state
+        for name, layer in voice_state.items():
+            offset = int(layer["offset"].view(-1)[0])
+            old = layer["cache"]
+            cache = old.new_full((*old.shape[:2], offset + extra_positions, *old.shape[3:]), float("nan"))
+            cache[:, :, :offset] = old[:, :, :offset]
+            state[name] = {"offset": layer["offset"].clone(), "pad": layer["pad"].clone(), "cache": cache}
+        return state
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One short generation from a silent prompt, so the first real job does not pay for lazy init."""
+        state = self._state_from_waveform(torch.zeros(1, self.mimi.frame_size * 2))
+        for _ in zip(range(2), self.generate_audio_stream(state, "Hi.", temp=0.0)):
+            pass
+
+
+def export_model_state(model_state: VoiceState, dest: str | Path) -> None:
+    """Write a voice state as `<module>/<field>` tensors, the layout of the released voice files."""
+    import safetensors.torch
+
+    flat = {}
+    for module, layer in model_state.items():
+        offset = int(layer["offset"].view(-1)[0])
+        for field, tensor in layer.items():
+            if field == "cache":
+                tensor = tensor[:, :, :offset]
+            flat[f"{module}/{field}"] = tensor.contiguous()
+    safetensors.torch.save_file(flat, str(dest))

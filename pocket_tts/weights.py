@@ -1,0 +1,96 @@
+"""Loading checkpoints memory-mapped, so every process on a host shares one copy of the weights.
+
+The model is built on the meta device (no memory) and the checkpoint tensors are
+assigned directly as its parameters. The tensors are views of a private
+file mapping: their pages come from the page cache and are shared by all
+processes that map the same file, until something writes to them (nothing does
+at inference).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model built from the config."""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file as zero-copy views of a private mapping of it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if end > len(mapped) - data_start:
+            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end of the file)")
+        if end == begin:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        count, offset = (end - begin) // dtype.itemsize, data_start + begin
+        if offset % dtype.itemsize:  # unaligned data cannot be viewed in place
+            flat = torch.frombuffer(bytearray(mapped[offset:offset + end - begin]), dtype=dtype)
+        else:
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+def assign_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly match `tensors` to the model's state dict and make them its parameters and buffers."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{k} {list(tensors[k].shape)} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the config's architecture ({'; '.join(problems)}); "
+            "pass the config that belongs to these weights"
+        )
+    # A stored dtype other than the model's is converted (a private copy for that tensor).
+    converted = {k: t if t.dtype == expected[k].dtype else t.to(expected[k].dtype) for k, t in tensors.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"model tensors not provided by {source}: {', '.join(left[:5])}")
