@@ -25,10 +25,10 @@ LayerState = dict[str, torch.Tensor]
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, 1, head_dim/2] for absolute `positions` (float32)."""
+    """cos/sin of shape [B, T, 1, head_dim/2] for absolute `positions` [B, T] (float32)."""
     ds = torch.arange(head_dim // 2, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
-    angles = freqs * positions.to(torch.float32).view(-1, 1, 1)
+    angles = positions.to(torch.float32)[..., None, None] * freqs
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -53,56 +53,75 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.in_proj(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        offset = 0 if state is None else int(state["offset"].view(-1)[0])
-        cos, sin = rope_tables(torch.arange(offset, offset + t), self.head_dim, self.max_period)
+        if state is None:
+            offsets = torch.zeros(b, dtype=torch.long)
+        elif "cache" in state:
+            offsets = state["offset"]
+        else:  # a sliding window advances all rows together
+            offsets = state["offset"].expand(b)
+        positions = offsets[:, None] + torch.arange(t)
+        cos, sin = rope_tables(positions, self.head_dim, self.max_period)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if state is None:
-            keys, values, first_key, pad = k.transpose(1, 2), v.transpose(1, 2), 0, 0
+            keys, values, key_positions, first_valid = k.transpose(1, 2), v.transpose(1, 2), positions, None
         elif "cache" in state:
-            keys, values, first_key, pad = self._append_linear(state, k, v, offset)
+            keys, values, key_positions, first_valid = self._append_linear(state, k, v, offsets)
         else:
-            keys, values, first_key, pad = self._append_window(state, k, v, offset)
+            keys, values, key_positions, first_valid = self._append_window(state, k, v, positions)
 
-        mask = self._mask(offset, t, first_key, keys.shape[2], pad)
+        mask = self._mask(positions, key_positions, first_valid)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     @staticmethod
-    def _append_linear(state: LayerState, k, v, offset: int):
+    def _append_linear(state: LayerState, k, v, offsets: torch.Tensor):
+        """Write k/v at each row's offset; rows may be at different offsets (batched streams)."""
         cache = state["cache"]
-        end = offset + k.shape[1]
+        b, t = k.shape[:2]
+        first, last = int(offsets.min()), int(offsets.max())
+        end = last + t
         if end > cache.shape[2]:
             raise RuntimeError(f"KV cache holds {cache.shape[2]} positions, {end} needed")
-        cache[0, :, offset:end] = k
-        cache[1, :, offset:end] = v
-        pad = int(state["pad"].view(-1)[0]) if "pad" in state else 0
-        return cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2), 0, pad
+        if first == last:
+            cache[0, :, first:end] = k
+            cache[1, :, first:end] = v
+        elif t == 1:
+            rows = torch.arange(b)
+            cache[0, rows, offsets] = k[:, 0]
+            cache[1, rows, offsets] = v[:, 0]
+        else:
+            raise ValueError("several positions at once need rows at the same offset")
+        key_positions = torch.arange(end).expand(b, end)
+        return cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2), key_positions, state["pad"]
 
-    def _append_window(self, state: LayerState, k, v, offset: int):
+    def _append_window(self, state: LayerState, k, v, positions: torch.Tensor):
         keys = torch.cat((state["k"], k.transpose(1, 2)), dim=2)
         values = torch.cat((state["v"], v.transpose(1, 2)), dim=2)
-        first_key = offset - state["k"].shape[2]
+        n = keys.shape[2]
+        key_positions = (positions[:, -1:] + 1 - n) + torch.arange(n)
         keep = self.context - 1
         state["k"], state["v"] = keys[:, :, -keep:], values[:, :, -keep:]
-        return keys, values, first_key, 0
+        return keys, values, key_positions, state.get("start")
 
-    def _mask(self, offset: int, t: int, first_key: int, n_keys: int, pad: int) -> torch.Tensor | None:
-        if t == 1 and pad == 0 and (self.context is None or n_keys <= self.context):
-            return None  # a single query sees every key it was given
-        q_pos = torch.arange(offset, offset + t).view(-1, 1)
-        k_pos = torch.arange(first_key, first_key + n_keys).view(1, -1)
-        delta = q_pos - k_pos
-        mask = (delta >= 0) & (k_pos >= pad)
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, first_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, 1, Tq, Tk] visibility, or None when every query sees every key."""
+        delta = q_pos[:, :, None] - k_pos[:, None, :]
+        mask = delta >= 0
         if self.context is not None:
             mask &= delta < self.context
-        return mask
+        if first_valid is not None:
+            mask &= k_pos[:, None, :] >= first_valid.view(-1, 1, 1)
+        if bool(mask.all()):
+            return None
+        return mask[:, None]
 
     def init_linear_state(self, batch_size: int, capacity: int, dtype=torch.float32) -> LayerState:
+        # Unwritten positions are zeros, not NaN: masked keys still meet the values in the softmax product.
         return {
             "offset": torch.zeros(batch_size, dtype=torch.long),
             "pad": torch.zeros(batch_size, dtype=torch.long),
-            "cache": torch.full((2, batch_size, capacity, self.num_heads, self.head_dim), float("nan"), dtype=dtype),
+            "cache": torch.zeros((2, batch_size, capacity, self.num_heads, self.head_dim), dtype=dtype),
         }
 
     def init_window_state(self, batch_size: int, dtype=torch.float32) -> LayerState:

@@ -317,7 +317,7 @@ class TTSModel(nn.Module):
         for name, layer in voice_state.items():
             offset = int(layer["offset"].view(-1)[0])
             old = layer["cache"]
-            cache = old.new_full((*old.shape[:2], offset + extra_positions, *old.shape[3:]), float("nan"))
+            cache = old.new_zeros((*old.shape[:2], offset + extra_positions, *old.shape[3:]))
             cache[:, :, :offset] = old[:, :, :offset]
             state[name] = {"offset": layer["offset"].clone(), "pad": layer["pad"].clone(), "cache": cache}
         return state
