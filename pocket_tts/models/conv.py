@@ -1,0 +1,207 @@
+"""Causal convolutions with explicit streaming state, and the SEANet encoder/decoder.
+
+Every module takes `state=None` for a one-shot (stateless) call, or a state made
+by its own `init_state(batch_size)` that it updates in place, so that feeding a
+signal in pieces gives the same output as feeding it at once:
+
+* `StreamingConv1d` keeps the last `kernel_eff - stride` input samples
+  (`{"prev": [B, C_in, n]}`), plus a per-row `first` flag in replicate mode.
+* `StreamingConvTranspose1d` keeps the last `kernel - stride` output samples,
+  which still wait for the contribution of the next input, minus the bias
+  (`{"partial": [B, C_out, n]}`).
+
+Module and attribute names follow the released checkpoint (`model.3.conv.weight`,
+`model.2.convtr.weight`, `block.1.conv.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocket_tts.config import SEANetConfig
+
+ConvState = dict[str, torch.Tensor]
+
+
+class StreamingConv1d(nn.Module):
+    """Causal Conv1d: left padding of `kernel_eff - stride`, nothing on the right.
+
+    `pad_mode="constant"` pads the start of the signal with zeros;
+    `"replicate"` repeats the first input frame instead.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ):
+        super().__init__()
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"unsupported conv pad_mode {pad_mode!r} (expected 'constant' or 'replicate')")
+        self.conv = nn.Conv1d(
+            in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias
+        )
+        self.stride = stride
+        self.pad_mode = pad_mode
+        # Input samples from earlier calls that the next output frame still reads.
+        self.history = (kernel_size - 1) * dilation + 1 - stride
+
+    def init_state(self, batch_size: int) -> ConvState:
+        if self.history <= 0:
+            return {}
+        w = self.conv.weight
+        state = {"prev": torch.zeros(batch_size, self.conv.in_channels, self.history, device=w.device, dtype=w.dtype)}
+        if self.pad_mode == "replicate":
+            state["first"] = torch.ones(batch_size, dtype=torch.bool, device=w.device)
+        return state
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        n = self.history
+        if n <= 0:
+            return self.conv(x)
+        if state is None:
+            mode = "replicate" if self.pad_mode == "replicate" else "constant"
+            return self.conv(F.pad(x, (n, 0), mode=mode))
+        if x.shape[-1] % self.stride:
+            raise ValueError(f"streaming conv input length {x.shape[-1]} is not a multiple of stride {self.stride}")
+        prev = state["prev"]
+        if self.pad_mode == "replicate":
+            # Rows on their first call pad with their first frame, like the one-shot path.
+            prev = torch.where(state["first"].view(-1, 1, 1), x[..., :1], prev)
+            state["first"] = torch.zeros_like(state["first"])
+        x = torch.cat((prev, x), dim=-1)
+        state["prev"] = x[..., -n:]
+        return self.conv(x)
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """ConvTranspose1d that emits exactly `stride` samples per input step.
+
+    The last `kernel - stride` samples of each call are incomplete (the next
+    input step adds to them); they are carried over, bias removed so that it
+    is not counted twice, and added to the start of the next call's output.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 1, bias: bool = True
+    ):
+        super().__init__()
+        self.convtr = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        self.overlap = kernel_size - stride
+
+    def init_state(self, batch_size: int) -> ConvState:
+        if self.overlap <= 0:
+            return {}
+        w = self.convtr.weight
+        partial = torch.zeros(batch_size, self.convtr.out_channels, self.overlap, device=w.device, dtype=w.dtype)
+        return {"partial": partial}
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        n = self.overlap
+        y = self.convtr(x)
+        if n <= 0:
+            return y
+        if state is not None:
+            y[..., :n] += state["partial"]
+            tail = y[..., -n:]
+            bias = self.convtr.bias
+            state["partial"] = tail - bias.view(-1, 1) if bias is not None else tail
+        return y[..., :-n]
+
+
+class ResidualBlock(nn.Module):
+    """x + conv_k1(elu(conv_k(elu(x)))), through a `dim // compress` bottleneck.
+
+    The ELUs sit at indices 0 and 2 of `block` only to keep the checkpoint's
+    `block.1` / `block.3` names.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int, pad_mode: str):
+        super().__init__()
+        hidden = dim // compress
+        self.block = nn.ModuleList(
+            [
+                nn.ELU(),
+                StreamingConv1d(dim, hidden, kernel_size, dilation=dilation, pad_mode=pad_mode),
+                nn.ELU(),
+                StreamingConv1d(hidden, dim, 1, pad_mode=pad_mode),
+            ]
+        )
+
+    def init_state(self, batch_size: int) -> list[ConvState]:
+        return [self.block[1].init_state(batch_size), self.block[3].init_state(batch_size)]
+
+    def forward(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:
+        s1, s3 = (None, None) if state is None else state
+        h = self.block[1](F.elu(x), s1)
+        h = self.block[3](F.elu(h), s3)
+        return x + h
+
+
+class _SEANet(nn.Module):
+    """A flat `model` list run in order; ELUs are parameterless placeholders in it."""
+
+    model: nn.ModuleList
+
+    def init_state(self, batch_size: int) -> list:
+        return [None if isinstance(layer, nn.ELU) else layer.init_state(batch_size) for layer in self.model]
+
+    def forward(self, x: torch.Tensor, state: list | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.model):
+            if isinstance(layer, nn.ELU):
+                x = F.elu(x)
+            else:
+                x = layer(x, None if state is None else state[i])
+        return x
+
+
+class SEANetEncoder(_SEANet):
+    """Waveform [B, channels, T] -> features [B, dimension, T / hop_length]."""
+
+    def __init__(self, cfg: SEANetConfig):
+        super().__init__()
+        self.dimension = cfg.dimension
+        self.hop_length = math.prod(cfg.ratios)
+        pad, nf = cfg.pad_mode, cfg.n_filters
+        layers: list[nn.Module] = [StreamingConv1d(cfg.channels, nf, cfg.kernel_size, pad_mode=pad)]
+        width = nf
+        for ratio in reversed(cfg.ratios):  # smallest stride first
+            for j in range(cfg.n_residual_layers):
+                layers.append(
+                    ResidualBlock(width, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress, pad)
+                )
+            layers += [nn.ELU(), StreamingConv1d(width, 2 * width, 2 * ratio, stride=ratio, pad_mode=pad)]
+            width *= 2
+        layers += [nn.ELU(), StreamingConv1d(width, cfg.dimension, cfg.last_kernel_size, pad_mode=pad)]
+        self.model = nn.ModuleList(layers)
+
+
+class SEANetDecoder(_SEANet):
+    """Features [B, dimension, T] -> waveform [B, channels, T * hop_length]."""
+
+    def __init__(self, cfg: SEANetConfig):
+        super().__init__()
+        self.dimension = cfg.dimension
+        self.hop_length = math.prod(cfg.ratios)
+        pad = cfg.pad_mode
+        width = cfg.n_filters * 2 ** len(cfg.ratios)
+        layers: list[nn.Module] = [StreamingConv1d(cfg.dimension, width, cfg.kernel_size, pad_mode=pad)]
+        for ratio in cfg.ratios:  # largest stride first
+            layers += [nn.ELU(), StreamingConvTranspose1d(width, width // 2, 2 * ratio, stride=ratio)]
+            width //= 2
+            for j in range(cfg.n_residual_layers):
+                layers.append(
+                    ResidualBlock(width, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress, pad)
+                )
+        layers += [nn.ELU(), StreamingConv1d(width, cfg.channels, cfg.last_kernel_size, pad_mode=pad)]
+        self.model = nn.ModuleList(layers)
