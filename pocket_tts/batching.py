@@ -1,0 +1,273 @@
+"""Continuous batching: many utterances share every FlowLM forward pass.
+
+One stream of generation reads all backbone weights for every 80 ms frame, so a
+single stream is bound by memory traffic. Generating B streams in one forward
+reads the weights once for all of them. `BatchedSynthesizer` runs a loop thread
+that keeps up to `max_batch` text chunks in flight: chunks of any request join
+as soon as a row is free and leave when they reach their end of speech, and each
+request's future resolves as soon as all of its chunks are done. A failure
+inside one request fails only that request's future.
+
+Rows are kept compact (active streams occupy rows 0..n-1 of one batched KV
+cache) so a step only touches live rows; a leaving stream's row is refilled by
+moving the last row into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from pocket_tts.models.flow_lm import VoiceState
+from pocket_tts.models.mimi import MimiDecoderState
+from pocket_tts.models.tts_model import FADE_IN_SECONDS, MAX_TOKENS_PER_CHUNK, MIN_FRAMES_BEFORE_EOS, TTSModel
+from pocket_tts.text import prepare_text, split_into_chunks
+
+logger = logging.getLogger(__name__)
+
+DECODE_GROUP_FRAMES = 4  # latents decoded per Mimi call: fewer calls, same audio
+
+
+@dataclass
+class _Request:
+    future: Future
+    pieces: list[list[torch.Tensor]]
+    remaining: int
+    failed: bool = False
+
+
+@dataclass
+class _Stream:
+    request: _Request
+    chunk_index: int
+    voice: VoiceState
+    ids: list[int]
+    frames_after_eos: int
+    temp: float
+    max_frames: int
+    step: int = 0
+    eos_step: int | None = None
+    latent: torch.Tensor | None = None  # last emitted latent, the next step's input (flow space)
+    pending: list[torch.Tensor] = field(default_factory=list)  # latents waiting for the decoder
+    decoder: MimiDecoderState | None = None
+    decoded_samples: int = 0
+
+
+class BatchedSynthesizer:
+    def __init__(self, model: TTSModel, max_batch: int = 16, max_wait: float = 0.005):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self._inbox: queue.Queue[_Stream | None] = queue.Queue()
+        self._streams: list[_Stream] = []
+        self._caches: list[dict[str, torch.Tensor]] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, voice_state: VoiceState, text: str, temp: float | None = None,
+               max_tokens: int = MAX_TOKENS_PER_CHUNK, frames_after_eos: int | None = None) -> Future:  # fmt: skip
+        """Queue one utterance; the future's result is its 1-D float32 audio.
+
+        Text errors (empty text, bad options) raise here, in the caller's thread.
+        """
+        model = self.model
+        temp = model.temp if temp is None else float(temp)
+        if temp < 0 or not math.isfinite(temp):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
+        if frames_after_eos is None:
+            frames_after_eos = model.config.model_recommended_frames_after_eos
+        chunks = split_into_chunks(text, model.tokenizer, max_tokens, model.text_options)
+        request = _Request(Future(), [[] for _ in chunks], len(chunks))
+        streams = []
+        for index, chunk in enumerate(chunks):
+            prepared, guess = prepare_text(chunk, model.text_options)
+            ids = model.tokenizer.encode(prepared)
+            after_eos = guess + 2 if frames_after_eos is None else frames_after_eos
+            streams.append(_Stream(request, index, voice_state, ids, after_eos, temp, model.max_frames(len(ids))))
+        self._ensure_running()
+        for stream in streams:
+            self._inbox.put(stream)
+        return request.future
+
+    def close(self) -> None:
+        """Stop the loop after the streams in flight finish; queued work is still served."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._inbox.put(None)
+            thread.join()
+
+    def _ensure_running(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the synthesizer is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pocket-tts-batcher", daemon=True)
+                self._thread.start()
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        stopping = False
+        while not (stopping and not self._streams and self._inbox.empty()):
+            stopping |= self._admit(block=not self._streams)
+            if not self._streams:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # an engine failure fails the requests in flight, not the loop
+                logger.exception("batched generation step failed")
+                for stream in list(self._streams):
+                    self._fail(stream.request, exc)
+                self._streams.clear()
+                self._caches = []
+
+    def _admit(self, block: bool) -> bool:
+        """Move waiting streams into free rows; returns True when asked to stop."""
+        stopping = False
+        timeout = None if block else 0.0
+        while len(self._streams) < self.max_batch:
+            try:
+                stream = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if stream is None:
+                stopping = True
+                break
+            if stream.request.failed:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._join(stream)
+            except Exception as exc:
+                self._fail(stream.request, exc)
+                continue
+            timeout = self.max_wait if block else 0.0  # gather companions arriving together
+        return stopping
+
+    def _join(self, stream: _Stream) -> None:
+        model = self.model
+        voice_len = _state_length(stream.voice)
+        needed = voice_len + len(stream.ids) + stream.max_frames
+        row = len(self._streams)
+        self._reserve(row + 1, needed)
+        for name, cache in zip(model.flow_lm.layer_names(), self._caches):
+            voice = stream.voice[name]
+            cache["cache"][:, row].zero_()
+            cache["cache"][:, row, :voice_len] = voice["cache"][:, 0, :voice_len]
+            cache["offset"][row] = voice_len
+            cache["pad"][row] = voice["pad"].view(-1)[0]
+        self._streams.append(stream)
+        text = model.flow_lm.conditioner(torch.tensor([stream.ids], dtype=torch.long))
+        model.flow_lm.prompt(text, self._row_views(row))
+        stream.decoder = model.mimi.init_decoder_state(1)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Grow the batched caches (rare: only when a longer or an extra row is needed)."""
+        flow_lm = self.model.flow_lm
+        have_rows = self._caches[0]["cache"].shape[1] if self._caches else 0
+        have_len = self._caches[0]["cache"].shape[2] if self._caches else 0
+        if rows <= have_rows and length <= have_len:
+            return
+        new_rows = max(rows, min(self.max_batch, max(2 * have_rows, 1)))
+        new_len = max(length, have_len)
+        grown = flow_lm.init_state(new_rows, new_len)
+        for new, old in zip(grown.values(), self._caches):
+            n, t = old["cache"].shape[1], old["cache"].shape[2]
+            new["cache"][:, :n, :t] = old["cache"]
+            new["offset"][:n] = old["offset"]
+            new["pad"][:n] = old["pad"]
+        self._caches = list(grown.values())
+
+    def _row_views(self, row: int) -> VoiceState:
+        names = self.model.flow_lm.layer_names()
+        return {
+            name: {key: (t[:, row : row + 1] if key == "cache" else t[row : row + 1]) for key, t in cache.items()}
+            for name, cache in zip(names, self._caches)
+        }
+
+    def _active_views(self, n: int) -> VoiceState:
+        names = self.model.flow_lm.layer_names()
+        return {
+            name: {key: (t[:, :n] if key == "cache" else t[:n]) for key, t in cache.items()}
+            for name, cache in zip(names, self._caches)
+        }
+
+    def _step(self) -> None:
+        model, flow_lm = self.model, self.model.flow_lm
+        streams = self._streams
+        n = len(streams)
+        nan = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
+        inputs = torch.cat([nan if s.latent is None else s.latent for s in streams])
+        hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), self._active_views(n))[:, -1]
+        eos = (flow_lm.eos_logit(hidden)[:, 0] > model.eos_threshold).tolist()
+        std = torch.tensor([[math.sqrt(s.temp)] for s in streams])
+        noise = torch.randn(n, flow_lm.latent_dim) * std if bool((std > 0).any()) else torch.zeros(n, flow_lm.latent_dim)
+        latents = flow_lm.sample(hidden, noise, model.sampler_decode_steps)
+
+        finished = []
+        for row, stream in enumerate(streams):
+            if stream.eos_step is None and eos[row] and stream.step >= MIN_FRAMES_BEFORE_EOS:
+                stream.eos_step = stream.step
+            if stream.eos_step is not None and stream.step >= stream.eos_step + stream.frames_after_eos:
+                finished.append(row)
+                continue
+            stream.latent = latents[row : row + 1, None]
+            stream.pending.append(stream.latent)
+            stream.step += 1
+            if stream.step >= stream.max_frames:
+                finished.append(row)
+            elif len(stream.pending) >= DECODE_GROUP_FRAMES:
+                self._decode(stream)
+        for row in reversed(finished):
+            self._finish(row)
+
+    def _decode(self, stream: _Stream) -> None:
+        model = self.model
+        latents = model.flow_lm.to_mimi_space(torch.cat(stream.pending, dim=1))
+        stream.pending.clear()
+        audio = model.mimi.decode(latents, stream.decoder)[0, 0]
+        if stream.decoded_samples == 0:
+            fade = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
+            audio[: fade.numel()] *= fade[: audio.numel()]
+        stream.decoded_samples += audio.numel()
+        stream.request.pieces[stream.chunk_index].append(audio)
+
+    def _finish(self, row: int) -> None:
+        stream = self._streams[row]
+        last = len(self._streams) - 1
+        if row != last:  # keep rows compact: the last row moves into the freed one
+            for cache in self._caches:
+                cache["cache"][:, row] = cache["cache"][:, last]
+                cache["offset"][row] = cache["offset"][last]
+                cache["pad"][row] = cache["pad"][last]
+            self._streams[row] = self._streams[last]
+        self._streams.pop()
+        if stream.pending:
+            self._decode(stream)
+        request = stream.request
+        request.remaining -= 1
+        if request.remaining == 0 and not request.failed:
+            audio = torch.cat([piece for chunk in request.pieces for piece in chunk] or [torch.zeros(0)])
+            request.future.set_result(audio)
+
+    @staticmethod
+    def _fail(request: _Request, exc: BaseException) -> None:
+        if not request.failed:
+            request.failed = True
+            request.future.set_exception(exc)
+
+
+def _state_length(voice: VoiceState) -> int:
+    return int(next(iter(voice.values()))["offset"].view(-1)[0])
