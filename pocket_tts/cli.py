@@ -1,0 +1,332 @@
+"""The `pocket-tts` command line: generate speech, export voice states, enqueue jobs.
+
+The engine (and with it torch) is imported inside the commands that need it:
+`--threads` must reach POCKET_TTS_NUM_THREADS before the engine module is first
+imported, and `enqueue` must stay light enough to run where torch is not installed.
+
+Every failure ends with one `error: ...` line on stderr and exit code 2 for bad
+usage (arguments, text, output name) or 1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+from pocket_tts.threads import THREADS_ENV
+
+DEFAULT_VOICE = "alba"
+DEFAULT_OUTPUT = "./tts_output.wav"
+REMOTE_PREFIXES = ("hf://", "http://", "https://")
+
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+class CliError(Exception):
+    """A failure reported as one `error:` line, with the exit code to end on."""
+
+    def __init__(self, message: str, exit_code: int = RUNTIME_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, USAGE_ERROR)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (library messages may span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one `error:` line instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise usage_error(message)
+
+
+def _checked_number(convert: Callable[[str], float], is_valid: Callable[[float], bool], description: str):
+    """An argparse type that converts a value and rejects those outside the valid range."""
+
+    def parse(raw: str):
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {raw!r}") from None
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {raw!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
+_non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a positive number")
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces of the commands
+# ---------------------------------------------------------------------------
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--language", help="a packaged model config (default: english)")
+    which.add_argument("--config", help="a model config .yaml (local path or hf://...)")
+    parser.add_argument("--weights", help="model .safetensors to use instead of the config's weights")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help=f"torch intra-op threads for this process (sets {THREADS_ENV}; default 1)",
+    )
+
+
+def _check_language(language: str | None) -> None:
+    if language is None:
+        return
+    from pocket_tts.config import config_path_for_language
+
+    try:
+        config_path_for_language(language)
+    except ValueError as exc:
+        raise usage_error(str(exc)) from None
+
+
+def _check_local_file(spec: str, what: str) -> None:
+    """Fail before loading the model when a local input file is missing."""
+    if spec.startswith(REMOTE_PREFIXES):
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CliError(f"{what} file not found: {spec}")
+
+
+def _looks_like_path(voice: str) -> bool:
+    """Predefined voices are bare names ("alba"); anything with a suffix or a folder is a file."""
+    return bool(Path(voice).suffix) or os.sep in voice or "/" in voice
+
+
+def _load_model(args: argparse.Namespace, **settings):
+    """Apply --threads, then import the engine (and torch) and load the model."""
+    if args.threads is not None:
+        # Read once, when the engine module is first imported: it must be set before.
+        os.environ[THREADS_ENV] = str(args.threads)
+    from pocket_tts.models.tts_model import TTSModel
+
+    return TTSModel.load_model(language=args.language, config=args.config, weights=args.weights, **settings)
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text is not None and args.text_option is not None:
+        raise usage_error("give the text either as an argument or with --text, not both")
+    text = args.text if args.text is not None else args.text_option
+    if text is None or text == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise usage_error("no text given: pass TEXT, --text, or pipe the text on stdin")
+        text = sys.stdin.read()
+    if not text.strip():
+        raise usage_error("the text to speak is empty")
+    return text
+
+
+@contextmanager
+def _atomic_output(path: Path, suffix: str) -> Iterator[Path]:
+    """Yield a temporary file beside `path`, renamed onto it only if the block succeeds.
+
+    The temporary file is created first, so an unwritable destination fails before
+    the model is loaded, and a failure never leaves a partial file at `path`.
+    """
+    if path.is_dir():
+        raise usage_error(f"the output {str(path)!r} is a directory")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        tmp.open("xb").close()  # "x" honours the umask, unlike mkstemp's private 0600 files
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------
+
+
+def _output_format(path: Path) -> str:
+    from pocket_tts.audio import audio_format
+
+    try:
+        return audio_format(path)
+    except ValueError as exc:
+        raise usage_error(str(exc)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    text = _read_text(args)
+    output = Path(args.output).expanduser()
+    audio_format = _output_format(output)
+    _check_language(args.language)
+    if _looks_like_path(args.voice):
+        _check_local_file(args.voice, "voice")
+
+    with _atomic_output(output, suffix=f".{audio_format}") as tmp_output:
+        started = time.perf_counter()
+        model = _load_model(args, temp=args.temperature, eos_threshold=args.eos_threshold)
+        voice_state = model.get_state_for_audio_prompt(args.voice)
+        load_seconds = time.perf_counter() - started
+
+        import torch
+
+        from pocket_tts.audio import write_audio
+
+        chunks = []
+        first_chunk_seconds = None
+        started = time.perf_counter()
+        for chunk in model.generate_audio_stream(
+            voice_state, text, max_tokens=args.max_tokens, frames_after_eos=args.frames_after_eos
+        ):
+            if first_chunk_seconds is None:
+                first_chunk_seconds = time.perf_counter() - started
+            chunks.append(chunk)
+        generation_seconds = time.perf_counter() - started
+        if not chunks:
+            raise CliError("the model generated no audio")
+
+        audio = torch.cat(chunks)
+        write_audio(tmp_output, audio, model.sample_rate, format=audio_format)
+
+    audio_seconds = audio.shape[-1] / model.sample_rate
+    print(f"wrote {output} ({audio_format}, {model.sample_rate} Hz)")
+    print(f"model and voice loaded in {load_seconds:.2f} s")
+    print(f"audio duration:      {audio_seconds:.2f} s")
+    print(f"generation time:     {generation_seconds:.2f} s")
+    print(f"real-time factor:    {audio_seconds / generation_seconds:.2f}x (audio s / wall s)")
+    print(f"first-chunk latency: {first_chunk_seconds:.3f} s")
+
+
+# ---------------------------------------------------------------------------
+# export-voice
+# ---------------------------------------------------------------------------
+
+
+def cmd_export_voice(args: argparse.Namespace) -> None:
+    output = Path(args.output).expanduser()
+    if output.suffix != ".safetensors":
+        raise usage_error(f"the voice state must be written to a .safetensors file, got {str(output)!r}")
+    _check_language(args.language)
+    _check_local_file(args.audio, "audio")
+
+    with _atomic_output(output, suffix=".safetensors") as tmp_output:
+        model = _load_model(args)
+        from pocket_tts.models.tts_model import export_model_state
+
+        # Like the reference's export-voice: a prompt longer than 30 s only costs memory.
+        voice_state = model.get_state_for_audio_prompt(args.audio, truncate=True)
+        export_model_state(voice_state, tmp_output)
+    print(f"wrote voice state {output}")
+
+
+# ---------------------------------------------------------------------------
+# enqueue
+# ---------------------------------------------------------------------------
+
+
+def cmd_enqueue(args: argparse.Namespace) -> None:
+    text = _read_text(args)
+    # Without --timeout the client's own default applies.
+    wait_limit = {} if args.timeout is None else {"timeout": args.timeout}
+    try:
+        from tasks.client import enqueue
+
+        result = enqueue(
+            text, voice=args.voice, temperature=args.temperature, format=args.format, wait=args.wait, **wait_limit
+        )
+    except Exception as exc:  # noqa: BLE001 - a missing client, the broker, the job: all end the command alike
+        raise CliError(f"could not enqueue the job: {_one_line(exc)}") from None
+    print(result)
+
+
+# ---------------------------------------------------------------------------
+# Parser and entry point
+# ---------------------------------------------------------------------------
+
+
+def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="?", help="text to speak; '-' or nothing reads stdin")
+    parser.add_argument("--text", dest="text_option", metavar="TEXT", help="text to speak")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pocket-tts", description="Pocket TTS on the CPU.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="speak a text into an audio file")
+    _add_text_arguments(generate)
+    generate.add_argument(
+        "--voice",
+        default=DEFAULT_VOICE,
+        help="predefined voice name, audio file, or exported .safetensors voice state (default: alba)",
+    )
+    generate.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help="output file; .wav, .flac or .ogg picks the format (default: ./tts_output.wav)",
+    )
+    _add_model_options(generate)
+    generate.add_argument("--temperature", type=_non_negative_float, help="sampling temperature (default: the model's)")
+    generate.add_argument("--max-tokens", type=_positive_int, default=50, help="tokens per text chunk")
+    generate.add_argument("--frames-after-eos", type=_non_negative_int, help="frames kept after end of speech")
+    generate.add_argument("--eos-threshold", type=float, help="end-of-speech logit threshold (default: the model's)")
+    generate.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser("export-voice", help="save the voice state of an audio prompt")
+    export.add_argument("audio", help="audio prompt (prompts longer than 30 s are truncated)")
+    export.add_argument("output", help="voice state file to write (.safetensors)")
+    _add_model_options(export)
+    export.set_defaults(run=cmd_export_voice)
+
+    enqueue = commands.add_parser("enqueue", help="submit a job to the worker queue")
+    _add_text_arguments(enqueue)
+    enqueue.add_argument("--voice", help="voice for the job (default: the worker's)")
+    enqueue.add_argument("--temperature", type=_non_negative_float, help="sampling temperature (default: the worker's)")
+    enqueue.add_argument("--format", default="wav", help="audio format of the result (default: wav)")
+    enqueue.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    enqueue.add_argument("--timeout", type=_positive_float, help="seconds to wait with --wait")
+    enqueue.set_defaults(run=cmd_enqueue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Engine, file and audio-library failures: the message is the useful part.
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return RUNTIME_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""One benchmark process: load a model, warm up, time streamed generations, print JSON.
+
+Run by `_bench_common.run_worker` as `python _bench_worker.py '<spec json>'`, with
+our interpreter for our engine or Kyutai's for its reference package (both are
+imported as `pocket_tts`). The spec holds: engine ("ours" or "kyutai"), label,
+threads, load (keyword arguments of TTSModel.load_model), voice, warmup_text,
+texts ([name, text] pairs), iterations, max_tokens.
+
+stdout's last line is the result: {"torch_threads": n, "runs": [{text, audio_s,
+wall_s, first_chunk_s}, ...]}; progress goes to stderr.
+"""
+
+import json
+import logging
+import sys
+import time
+
+
+def timed_generation(model, voice_state, text: str, max_tokens: int) -> dict:
+    """Consume one streamed generation; wall time and first-chunk latency from the call."""
+    samples = 0
+    first_chunk_s = None
+    started = time.perf_counter()
+    for chunk in model.generate_audio_stream(voice_state, text, max_tokens=max_tokens):
+        if first_chunk_s is None:
+            first_chunk_s = time.perf_counter() - started
+        samples += chunk.shape[-1]
+    wall_s = time.perf_counter() - started
+    return {"audio_s": samples / model.sample_rate, "wall_s": wall_s, "first_chunk_s": first_chunk_s}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    import torch
+
+    # Our engine applies POCKET_TTS_NUM_THREADS (set by the parent) when this is first imported.
+    from pocket_tts.models.tts_model import TTSModel
+
+    if spec["engine"] == "kyutai":
+        torch.set_num_threads(spec["threads"])
+    # Random weights hit the length limit of every chunk, and both engines warn about it.
+    logging.getLogger("pocket_tts").setLevel(logging.ERROR)
+
+    where = f"[{spec['label']}, {spec['threads']} thread(s)]"
+    model = TTSModel.load_model(**spec["load"])
+    voice_state = model.get_state_for_audio_prompt(spec["voice"])
+    timed_generation(model, voice_state, spec["warmup_text"], spec["max_tokens"])
+
+    runs = []
+    for name, text in spec["texts"]:
+        for iteration in range(1, spec["iterations"] + 1):
+            run = timed_generation(model, voice_state, text, spec["max_tokens"])
+            runs.append({"text": name, **run})
+            print(
+                f"{where} {name} {iteration}/{spec['iterations']}: {run['audio_s']:.2f} s of audio "
+                f"in {run['wall_s']:.2f} s, first chunk {run['first_chunk_s']:.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Speed of our engine, and optionally of Kyutai's reference package, on one fixed utterance.
+
+Both run the same checkpoint: by default the full-size English architecture with
+random weights (same cost as the released model, no download, no speech), at
+temperature 0 with an unreachable EOS threshold, so every run produces the same
+number of frames. Each (engine, thread count) runs in a fresh process.
+
+    python scripts/benchmark_engine.py                         # ours, 1 and 2 threads
+    python scripts/benchmark_engine.py --kyutai-python /work/kyutai-venv/bin/python --kyutai-int8
+
+xRT is audio seconds per wall second (higher is faster); first chunk is the time
+from the generation call to the first audio piece.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import _bench_common as bench
+
+# With no EOS a chunk lasts (tokens / 3 + 2) s, rounded up to a 12.5 Hz frame: the 34 tokens
+# of this sentence in the random checkpoint's tokenizer give 167 frames, 13.36 s of audio.
+UTTERANCE = "Every day we walk along the quiet river bank."
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="write the random checkpoint here, or reuse the config.yaml + model.safetensors found here "
+        "(default: a temporary directory)",
+    )
+    parser.add_argument("--threads", type=bench.parse_threads, default=[1, 2], help="comma-separated (default 1,2)")
+    parser.add_argument("--iterations", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    parser.add_argument("--kyutai-python", help="interpreter that has Kyutai's pocket-tts; adds its runs")
+    parser.add_argument("--kyutai-int8", action="store_true", help="also run Kyutai's int8 (quantize=True) model")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.kyutai_int8 and not args.kyutai_python:
+        parser.error("--kyutai-int8 needs --kyutai-python")
+    if args.iterations < 1:
+        parser.error("--iterations must be at least 1")
+    return args
+
+
+def engines(args, config: Path, weights: Path, workdir: Path) -> list[dict]:
+    """(label, interpreter, load_model arguments) of every engine to run."""
+    fixed_length = {"temp": 0.0, "eos_threshold": bench.NEVER_EOS_THRESHOLD}
+    result = [
+        {"engine": "ours", "label": "ours", "python": sys.executable,
+         "load": {"config": str(config), "weights": str(weights), **fixed_length}},
+    ]  # fmt: skip
+    if args.kyutai_python:
+        kyutai_load = {"config": str(bench.kyutai_config(config, weights, workdir)), **fixed_length}
+        result.append(
+            {"engine": "kyutai", "label": "kyutai float32", "python": args.kyutai_python, "load": kyutai_load}
+        )
+        if args.kyutai_int8:
+            result.append({"engine": "kyutai", "label": "kyutai int8", "python": args.kyutai_python,
+                           "load": {**kyutai_load, "quantize": True}})  # fmt: skip
+    return result
+
+
+def measure(args, workdir: Path) -> dict:
+    config = bench.random_checkpoint(args.checkpoint_dir or workdir / "checkpoint")
+    weights = config.parent / "model.safetensors"
+    voice = bench.write_synthetic_voice(workdir / "voice.wav")
+    results = []
+    for threads in args.threads:
+        for engine in engines(args, config, weights, workdir):
+            bench.log(f"{engine['label']}, {threads} thread(s): fresh process ...")
+            spec = {
+                **{key: engine[key] for key in ("engine", "label", "load")},
+                "threads": threads,
+                "voice": str(voice),
+                "warmup_text": bench.WARMUP_TEXT,
+                "texts": [["utterance", UTTERANCE]],
+                "iterations": args.iterations,
+                "max_tokens": 50,
+            }
+            worker = bench.run_worker(spec, python=engine["python"], cwd=workdir)
+            results.append({"engine": engine["label"], "threads": threads, **bench.summarize(worker["runs"])})
+    add_ratios(results)
+    return {"machine": bench.machine_info(), "checkpoint": str(config), "text": UTTERANCE, "results": results}
+
+
+def add_ratios(results: list[dict]) -> None:
+    """On each Kyutai row: our xRT / its xRT (>1: ours faster) and our first chunk / its (<1: ours faster)."""
+    ours = {row["threads"]: row for row in results if row["engine"] == "ours"}
+    for row in results:
+        if row["engine"] != "ours":
+            mine = ours[row["threads"]]
+            row["xrt_ours_over_this"] = round(mine["rtf"] / row["rtf"], 2)
+            row["first_chunk_ours_over_this"] = round(mine["first_chunk_s"] / row["first_chunk_s"], 2)
+
+
+def print_table(report: dict) -> None:
+    machine = report["machine"]
+    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; checkpoint: {report['checkpoint']}")
+    headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s",
+               "xRT ours/this", "first chunk ours/this"]  # fmt: skip
+    rows = [
+        [row["threads"], row["engine"], f"{row['audio_s']:.2f}", bench.wall_cell(row), f"{row['rtf']:.2f}",
+         f"{row['first_chunk_s']:.3f}", row.get("xrt_ours_over_this", ""), row.get("first_chunk_ours_over_this", "")]
+        for row in report["results"]
+    ]  # fmt: skip
+    print(bench.format_table(headers, rows))
+    if len({row["audio_s"] for row in report["results"]}) > 1:
+        print("note: the engines produced different audio lengths; compare xRT, not wall time")
+
+
+def main() -> int:
+    return bench.run_and_report(parse_args(), measure, print_table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
