@@ -21,6 +21,7 @@ from pocket_tts.config import CONFIGS_DIR, DEFAULT_LANGUAGE, ModelConfig, config
 from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
 from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
+from pocket_tts.precision import check_precision, lower_backbone_precision, precision_from_env
 from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
 from pocket_tts.threads import threads_from_env
 from pocket_tts.weights import assign_checkpoint, read_safetensors
@@ -70,6 +71,7 @@ class TTSModel(nn.Module):
         self.eos_threshold = eos_threshold
         self.language = language
         self.has_voice_cloning = True
+        self.precision = "float32"
         self.text_options = TextOptions(
             replace_characters=dict(config.replace_characters),
             remove_semicolons=config.remove_semicolons,
@@ -98,6 +100,7 @@ class TTSModel(nn.Module):
         noise_clamp: float | None = None,
         eos_threshold: float | None = None,
         lsd_decode_steps: int | None = None,
+        precision: str | None = None,
     ) -> "TTSModel":
         """Build the model of a config and load its weights.
 
@@ -105,7 +108,8 @@ class TTSModel(nn.Module):
         path instead (local or hf://). `weights` is a local model.safetensors that
         replaces the config's `weights_path`. None means the config's default for
         `temp` and `eos_threshold`. `lsd_decode_steps` is the older name of
-        `sampler_decode_steps`.
+        `sampler_decode_steps`. `precision` ("float32", "bfloat16" or "int8") sets the
+        backbone's weight format; None reads POCKET_TTS_PRECISION (default float32).
         """
         if config is not None and language is not None:
             raise ValueError("pass either language or config, not both")
@@ -113,6 +117,7 @@ class TTSModel(nn.Module):
             sampler_decode_steps = lsd_decode_steps
         if sampler_decode_steps < 1:
             raise ValueError("sampler_decode_steps must be at least 1")
+        precision = precision_from_env() if precision is None else check_precision(precision)
         if config is None:
             language = language or DEFAULT_LANGUAGE
             config_path = config_path_for_language(language)
@@ -138,6 +143,8 @@ class TTSModel(nn.Module):
         assign_checkpoint(model, read_safetensors(weights_file), str(weights_file))
         model.eval()
         model.requires_grad_(False)
+        lower_backbone_precision(model.flow_lm.transformer, precision)
+        model.precision = precision
         logger.info("loaded %s with weights %s", config_path, weights_file)
         return model
 

@@ -1,0 +1,75 @@
+"""Reduced-precision backbone: int8 or bfloat16 weights for the FlowLM transformer's linear layers.
+
+The backbone reads ~75M weights per generated frame, so its speed is set by
+memory traffic: int8 weights (per-output-channel scales, activations quantised
+on the fly by fbgemm) move 4x fewer bytes, bfloat16 2x. The flow head, the
+norms and Mimi stay in float32. Drift against float32 is measured in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+PRECISION_ENV = "POCKET_TTS_PRECISION"
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def precision_from_env() -> str:
+    value = os.environ.get(PRECISION_ENV, "").strip().lower() or "float32"
+    return check_precision(value, f"{PRECISION_ENV}={value!r}")
+
+
+def check_precision(value: str, source: str | None = None) -> str:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "qint8": "int8"}
+    value = aliases.get(value, value)
+    if value not in PRECISIONS:
+        raise ValueError(f"{source or repr(value)}: precision must be one of {', '.join(PRECISIONS)}")
+    if value == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+        raise ValueError("int8 precision needs torch's fbgemm/x86 quantized engine, absent from this build")
+    return value
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 per output channel; x is quantised per call (dynamic)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        with warnings.catch_warnings():  # torch flags quantized tensor creation as legacy API
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(
+                weight, scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0, torch.qint8
+            )
+            self._packed = torch.ops.quantized.linear_prepack(qweight, linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range keeps the u8 x s8 products clear of int16 saturation on CPUs without VNNI.
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+
+
+class BFloat16Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def lower_backbone_precision(transformer: nn.Module, precision: str) -> None:
+    """Swap the attention and feed-forward linears of `transformer.layers` in place."""
+    if precision == "float32":
+        return
+    make = Int8Linear if precision == "int8" else BFloat16Linear
+    for layer in transformer.layers:
+        attn = layer.self_attn
+        attn.in_proj, attn.out_proj = make(attn.in_proj), make(attn.out_proj)
+        layer.linear1, layer.linear2 = make(layer.linear1), make(layer.linear2)
