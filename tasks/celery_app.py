@@ -1,0 +1,102 @@
+"""The Celery app shared by workers, Flower and web clients, and the worker lifecycle hooks.
+
+Configuration is computed lazily from `worker_config` the first time Celery
+needs it. Importing this module never imports torch: the prefork parent must
+not run torch (a parent that ran a parallel op before forking leaves children
+with more than one thread hanging in OpenMP), so the model is loaded in each
+child by `load_model_in_child`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from celery import Celery, signals
+
+from tasks.engine import load_engine
+from worker_config import OversubscriptionError, Settings, check_thread_budget, current_settings
+
+logger = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+
+def celery_config(settings: Settings) -> dict:
+    longest_soft, longest_hard = settings.longest_time_limits
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # JSON only: pickle is neither sent nor accepted.
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        # A job whose child dies is handed back to the queue instead of failing with WorkerLostError.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Per-job limits scale with the text (SynthesisRequest); these cover the longest text.
+        "task_soft_time_limit": longest_soft,
+        "task_time_limit": longest_hard,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_expires": settings.result_expires,
+        "task_track_started": True,
+        "worker_concurrency": settings.concurrency,
+        "worker_max_tasks_per_child": settings.max_tasks_per_child,
+        # Celery's check reads the child's peak RSS, which counts the shared weight pages.
+        "worker_max_memory_per_child": (
+            settings.max_memory_per_child_mb * 1024 if settings.max_memory_per_child_mb else None
+        ),
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
+        # A child reports "up" only after loading and warming up the model (Celery's default is 4 s).
+        "worker_proc_alive_timeout": settings.child_start_timeout,
+        # Task events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+app = Celery("pocket_tts")
+app.add_defaults(lambda: celery_config(current_settings()))
+
+
+@signals.celeryd_after_setup.connect
+def prepare_worker_parent(sender, instance, **_):
+    """In the worker's main process, after logging is set up and before the pool forks."""
+    settings = current_settings()
+    budget = settings.thread_budget(instance.concurrency)
+    try:
+        warning = check_thread_budget(budget, settings.allow_oversubscribe)
+    except OversubscriptionError as exc:
+        _refuse_to_start(str(exc))
+    problems = settings.missing_model_files()
+    if problems:
+        _refuse_to_start("; ".join(problems))
+    if warning:
+        logger.warning("pocket-tts: %s", warning)
+    logger.info("pocket-tts thread budget: %s", budget.describe())
+    logger.info("pocket-tts audio storage: %s", settings.storage_dir)
+    # Children inherit this environment; OpenMP/MKL read it when torch is first imported there,
+    # and a stray torch import in this process then cannot start a thread pool before fork.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        logger.warning("pocket-tts: torch was imported in the worker's main process; it must not run torch ops")
+
+
+def _refuse_to_start(reason: str):
+    logger.critical("pocket-tts worker: %s", reason)
+    raise SystemExit(EX_CONFIG)
+
+
+@signals.worker_process_init.connect
+def load_model_in_child(**_):
+    """In each prefork child: set the thread budget, load the model, warm it up."""
+    try:
+        load_engine(current_settings())
+    except Exception:  # the child stays up; its jobs retry the load and report the error
+        logger.exception("pocket-tts: model failed to load in process %d", os.getpid())

@@ -1,0 +1,104 @@
+"""The model of one worker process, loaded once per prefork child, and its cached voice states.
+
+torch is imported only inside these functions: the parent process and web
+processes import this module without touching torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from tasks.errors import InvalidJobError
+from tasks.validation import Job
+from worker_config import Settings
+
+logger = logging.getLogger(__name__)
+
+_load_lock = threading.Lock()
+_engine: Engine | None = None
+
+
+class Engine:
+    def __init__(self, model, description: str, voice_cache_size: int):
+        self.model = model
+        self.description = description
+        self._voice_cache_size = voice_cache_size
+        self._voice_states: OrderedDict[tuple, object] = OrderedDict()
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        configure_torch_threads(settings.num_threads)
+        from pocket_tts.models.tts_model import TTSModel
+
+        model = TTSModel.load_model(language=settings.language, config=settings.config, weights=settings.weights)
+        model.warmup()
+        return cls(model, describe_model(settings), settings.voice_cache_size)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    def voice_state(self, voice: str):
+        """The voice state for a resolved voice; a file's state is rebuilt when the file changes."""
+        key = (voice, Path(voice).stat().st_mtime_ns if os.path.isabs(voice) else None)
+        state = self._voice_states.pop(key, None)
+        if state is None:
+            try:
+                state = self.model.get_state_for_audio_prompt(voice)
+            except (ValueError, FileNotFoundError) as exc:
+                raise InvalidJobError(f"voice {voice!r} cannot be used: {exc}") from None
+        self._voice_states[key] = state
+        while len(self._voice_states) > self._voice_cache_size:
+            self._voice_states.popitem(last=False)
+        return state
+
+    def synthesize(self, job: Job):
+        """1-D float32 audio at `sample_rate` (the voice state is never mutated)."""
+        return self.model.generate_audio(self.voice_state(job.voice), job.text, temp=job.temperature)
+
+
+def configure_torch_threads(num_threads: int) -> None:
+    """Intra-op threads = the budget per child; one inter-op thread (nothing here runs ops in parallel)."""
+    import torch
+
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only possible where torch already ran parallel work, e.g. an in-process test worker
+        logger.warning("inter-op threads already fixed at %d", torch.get_num_interop_threads())
+    torch.set_num_threads(num_threads)
+
+
+def describe_model(settings: Settings) -> str:
+    if settings.config:
+        return f"config={settings.config} weights={settings.weights or '(from config)'}"
+    return f"language={settings.language or 'english'}" + (f" weights={settings.weights}" if settings.weights else "")
+
+
+def load_engine(settings: Settings) -> Engine:
+    global _engine
+    with _load_lock:
+        if _engine is None:
+            _engine = Engine.load(settings)
+            logger.info("pocket-tts model ready in process %d: %s", os.getpid(), _engine.description)
+        return _engine
+
+
+def current_engine() -> Engine | None:
+    return _engine
+
+
+def process_info() -> dict:
+    """What `pocket_tts.worker_info` reports about the process that runs it."""
+    torch = sys.modules.get("torch")
+    return {
+        "pid": os.getpid(),
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "interop_threads": torch.get_num_interop_threads() if torch else None,
+        "model": _engine.description if _engine else None,
+        "ready": _engine is not None,
+    }

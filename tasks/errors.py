@@ -1,0 +1,17 @@
+"""Job failures that retrying cannot fix; each message is one line meant for the caller."""
+
+
+class JobError(Exception):
+    """Base of the failures a `synthesize` job reports instead of audio."""
+
+
+class InvalidJobError(JobError):
+    """The request itself is wrong: text, voice, format or temperature."""
+
+
+class StorageError(JobError):
+    """The audio could not be written to the storage directory (unwritable, full, ...)."""
+
+
+class RedeliveryLimitError(JobError):
+    """The job was delivered too many times: earlier attempts died with their worker process."""

@@ -1,0 +1,91 @@
+"""Checks on a `synthesize` request, before any audio is generated.
+
+Every failure is an InvalidJobError with one line saying what is wrong. The
+engine's voice catalogue and audio formats live in torch modules, so they are
+imported inside the functions: this module is imported by web processes too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tasks.errors import InvalidJobError
+from worker_config import Settings
+
+VOICE_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".safetensors")
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class Job:
+    text: str
+    voice: str  # a catalogue voice name or an absolute path inside the voices directory
+    temperature: float | None
+    format: str
+
+
+def validate_job(text, voice, temperature, format, settings: Settings) -> Job:
+    return Job(
+        text=_checked_text(text, settings.max_text_chars),
+        voice=resolve_voice(settings.default_voice if voice is None else voice, settings.voices_dir),
+        temperature=_checked_temperature(temperature),
+        format=_checked_format(format),
+    )
+
+
+def resolve_voice(voice, voices_dir: Path | None) -> str:
+    """A catalogue voice name as is, or the real path of a file inside `voices_dir`."""
+    from pocket_tts.models.tts_model import PREDEFINED_VOICES
+
+    if not isinstance(voice, str) or not voice.strip():
+        raise InvalidJobError(f"voice must be a non-empty string, got {voice!r}")
+    if voice in PREDEFINED_VOICES:
+        return voice
+    unknown = InvalidJobError(
+        f"unknown voice {voice!r}: not a catalogue voice ({', '.join(PREDEFINED_VOICES[:8])}, ...) "
+        f"nor a {'/'.join(VOICE_FILE_SUFFIXES)} file in the voices directory (POCKET_TTS_VOICES_DIR)"
+    )
+    relative = PurePosixPath(voice)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in voice:
+        raise InvalidJobError(f"voice {voice!r} must be a file name inside the voices directory, not a path out of it")
+    if voices_dir is None or relative.suffix.lower() not in VOICE_FILE_SUFFIXES:
+        raise unknown
+    root = voices_dir.resolve()
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root):  # a symlink pointing outside
+        raise InvalidJobError(f"voice {voice!r} resolves outside the voices directory")
+    if not candidate.is_file():
+        raise unknown
+    return str(candidate)
+
+
+def _checked_text(text, max_chars: int) -> str:
+    if not isinstance(text, str):
+        raise InvalidJobError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidJobError("text is empty")
+    if len(text) > max_chars:
+        raise InvalidJobError(
+            f"text is {len(text)} characters long; the limit is {max_chars} (POCKET_TTS_MAX_TEXT_CHARS)"
+        )
+    return text
+
+
+def _checked_temperature(temperature) -> float | None:
+    if temperature is None:
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise InvalidJobError(f"temperature must be a number, got {temperature!r}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise InvalidJobError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature!r}")
+    return float(temperature)
+
+
+def _checked_format(format) -> str:
+    from pocket_tts.audio import SUPPORTED_FORMATS
+
+    if format not in SUPPORTED_FORMATS:
+        raise InvalidJobError(f"format {format!r} is not supported; use one of {', '.join(SUPPORTED_FORMATS)}")
+    return format

@@ -1,0 +1,182 @@
+"""Worker settings: every environment variable the service reads, with defaults and validation.
+
+Torch-free: web processes load these settings too (for the broker URL), so
+nothing here may import the engine's model code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from pocket_tts.threads import threads_from_env
+from worker_config.cpu_budget import (
+    ALLOW_OVERSUBSCRIBE_ENV,
+    CONCURRENCY_ENV,
+    ThreadBudget,
+    UsableCpus,
+    default_concurrency,
+    usable_cpus,
+)
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default; never go below it
+
+
+class SettingsError(ValueError):
+    """An environment variable has an invalid value; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    result_backend: str
+    storage_dir: Path
+    num_threads: int
+    concurrency: int
+    allow_oversubscribe: bool
+    language: str | None
+    config: str | None
+    weights: str | None
+    voices_dir: Path | None
+    default_voice: str
+    max_text_chars: int
+    time_limit_base: float
+    time_limit_per_char: float
+    time_limit_grace: float
+    visibility_timeout: int
+    result_expires: int
+    max_tasks_per_child: int | None
+    max_memory_per_child_mb: int | None
+    max_deliveries: int
+    soft_shutdown_timeout: float
+    child_start_timeout: float
+    voice_cache_size: int
+    cpus: UsableCpus
+
+    def time_limits(self, text_chars: int) -> tuple[float, float]:
+        """(soft, hard) seconds for a job of `text_chars` characters; longer texts get longer limits."""
+        soft = self.time_limit_base + self.time_limit_per_char * min(max(text_chars, 0), self.max_text_chars)
+        return soft, soft + self.time_limit_grace
+
+    @property
+    def longest_time_limits(self) -> tuple[float, float]:
+        return self.time_limits(self.max_text_chars)
+
+    def thread_budget(self, concurrency: int | None = None) -> ThreadBudget:
+        return ThreadBudget(concurrency or self.concurrency, self.num_threads, self.cpus)
+
+    def missing_model_files(self) -> list[str]:
+        """Local files named by the settings that do not exist (hub paths are checked at load)."""
+        problems = []
+        for env, value in (("POCKET_TTS_CONFIG", self.config), ("POCKET_TTS_WEIGHTS", self.weights)):
+            if value and not value.startswith("hf://") and not Path(value).is_file():
+                problems.append(f"{env}={value} is not a file")
+        if self.voices_dir is not None and not self.voices_dir.is_dir():
+            problems.append(f"POCKET_TTS_VOICES_DIR={self.voices_dir} is not a directory")
+        return problems
+
+
+class _Env:
+    """Typed reads of environment variables; an invalid value raises SettingsError naming the variable."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def _number(self, name: str, default, convert, minimum, kind: str):
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = convert(raw)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum:
+            raise SettingsError(f"{name} must be {kind} >= {minimum}, got {raw!r}")
+        return value
+
+    def integer(self, name: str, default: int | None, minimum: int = 1) -> int | None:
+        return self._number(name, default, int, minimum, "an integer")
+
+    def seconds(self, name: str, default: float, minimum: float = 0) -> float:
+        return self._number(name, default, float, minimum, "a number of seconds")
+
+    def flag(self, name: str) -> bool:
+        raw = (self.text(name) or "0").lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be 1/0 (or true/false), got {raw!r}")
+
+
+def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | None = None) -> Settings:
+    """Read and validate the settings from `environ` (default: os.environ)."""
+    environ = os.environ if environ is None else environ
+    env = _Env(environ)
+    cpus = cpus or usable_cpus()
+    try:
+        num_threads = threads_from_env(environ)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+    broker_url = env.text("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+    language, config = env.text("POCKET_TTS_LANGUAGE"), env.text("POCKET_TTS_CONFIG")
+    if language and config:
+        raise SettingsError("set either POCKET_TTS_LANGUAGE or POCKET_TTS_CONFIG, not both")
+    voices_dir = env.text("POCKET_TTS_VOICES_DIR")
+
+    max_text_chars = env.integer("POCKET_TTS_MAX_TEXT_CHARS", 1000)
+    time_limit_base = env.seconds("POCKET_TTS_TIME_LIMIT_BASE", 30.0, minimum=1)
+    time_limit_per_char = env.seconds("POCKET_TTS_TIME_LIMIT_PER_CHAR", 0.1)
+    time_limit_grace = env.seconds("POCKET_TTS_TIME_LIMIT_GRACE", 30.0, minimum=1)
+    longest_hard_limit = time_limit_base + time_limit_per_char * max_text_chars + time_limit_grace
+    # A job still running when the visibility timeout expires is handed to a second worker.
+    needed_visibility = math.ceil(2 * longest_hard_limit)
+    visibility_timeout = env.integer("POCKET_TTS_VISIBILITY_TIMEOUT", max(MIN_VISIBILITY_TIMEOUT, needed_visibility))
+    if visibility_timeout < needed_visibility:
+        raise SettingsError(
+            f"POCKET_TTS_VISIBILITY_TIMEOUT={visibility_timeout} must be at least twice the longest hard "
+            f"time limit ({longest_hard_limit:g} s for {max_text_chars} characters): use >= {needed_visibility}"
+        )
+
+    return Settings(
+        broker_url=broker_url,
+        result_backend=env.text("CELERY_RESULT_BACKEND") or broker_url,
+        storage_dir=Path(env.text("POCKET_TTS_STORAGE_DIR") or "audio").expanduser().absolute(),
+        num_threads=num_threads,
+        concurrency=env.integer(CONCURRENCY_ENV, None) or default_concurrency(cpus, num_threads),
+        allow_oversubscribe=env.flag(ALLOW_OVERSUBSCRIBE_ENV),
+        language=language,
+        config=config,
+        weights=env.text("POCKET_TTS_WEIGHTS"),
+        voices_dir=Path(voices_dir).expanduser().absolute() if voices_dir else None,
+        default_voice=env.text("POCKET_TTS_DEFAULT_VOICE") or "alba",
+        max_text_chars=max_text_chars,
+        time_limit_base=time_limit_base,
+        time_limit_per_char=time_limit_per_char,
+        time_limit_grace=time_limit_grace,
+        visibility_timeout=visibility_timeout,
+        result_expires=env.integer("POCKET_TTS_RESULT_EXPIRES", 86400),
+        max_tasks_per_child=env.integer("POCKET_TTS_MAX_TASKS_PER_CHILD", None),
+        max_memory_per_child_mb=env.integer("POCKET_TTS_MAX_MEMORY_PER_CHILD_MB", None),
+        max_deliveries=env.integer("POCKET_TTS_MAX_DELIVERIES", 3),
+        soft_shutdown_timeout=env.seconds("POCKET_TTS_SOFT_SHUTDOWN_TIMEOUT", 60.0),
+        child_start_timeout=env.seconds("POCKET_TTS_CHILD_START_TIMEOUT", 120.0, minimum=1),
+        voice_cache_size=env.integer("POCKET_TTS_VOICE_CACHE_SIZE", 8),
+        cpus=cpus,
+    )
+
+
+@cache
+def current_settings() -> Settings:
+    """The process's settings, read once from os.environ (`current_settings.cache_clear()` re-reads)."""
+    return load_settings()
