@@ -1,0 +1,233 @@
+"""Task logic without a broker: validation, storage, delivery counting, time limits, Celery settings."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from celery.contrib.testing.mocks import TaskMessage
+from service_helpers import REPO_ROOT
+
+from tasks import app
+from tasks.celery_app import celery_config
+from tasks.deliveries import KEY_PREFIX, record_delivery
+from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError
+from tasks.storage import audio_path, write_atomically
+from tasks.synthesis import SynthesisRequest
+from tasks.validation import resolve_voice, validate_job
+from worker_config import UsableCpus, load_settings
+
+
+def make_settings(**env):
+    return load_settings({k: str(v) for k, v in env.items()}, cpus=UsableCpus(2, 2, None))
+
+
+def test_importing_tasks_does_not_import_torch():
+    code = "import sys, tasks, tasks.client; assert 'torch' not in sys.modules, 'torch imported'"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 0, run.stderr
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.fixture
+def voices(tmp_path):
+    voices = tmp_path / "voices"
+    (voices / "team").mkdir(parents=True)
+    for name in ("narrator.wav", "team/lead.safetensors", "notes.txt"):
+        (voices / name).write_bytes(b"x")
+    (tmp_path / "secret.wav").write_bytes(b"x")
+    (voices / "link.wav").symlink_to(tmp_path / "secret.wav")
+    return voices
+
+
+def test_catalogue_voices_and_files_inside_the_voices_dir_resolve(voices):
+    assert resolve_voice("alba", voices) == "alba"
+    assert resolve_voice("narrator.wav", voices) == str((voices / "narrator.wav").resolve())
+    assert resolve_voice("team/lead.safetensors", voices) == str((voices / "team/lead.safetensors").resolve())
+
+
+@pytest.mark.parametrize(
+    "voice, message",
+    [
+        ("../secret.wav", "must be a file name inside the voices directory"),
+        ("team/../../secret.wav", "must be a file name inside the voices directory"),
+        ("/etc/passwd", "must be a file name inside the voices directory"),
+        ("..\\secret.wav", "must be a file name inside the voices directory"),
+        ("link.wav", "resolves outside the voices directory"),
+        ("absent.wav", "unknown voice 'absent.wav'"),
+        ("notes.txt", "unknown voice 'notes.txt'"),
+        ("bob", "unknown voice 'bob'"),
+        ("", "voice must be a non-empty string"),
+        (3, "voice must be a non-empty string"),
+    ],
+)
+def test_bad_voices_are_refused(voices, voice, message):
+    with pytest.raises(InvalidJobError, match=message):
+        resolve_voice(voice, voices)
+
+
+def test_file_voices_need_a_voices_dir():
+    with pytest.raises(InvalidJobError, match="unknown voice 'narrator.wav'"):
+        resolve_voice("narrator.wav", None)
+
+
+def test_a_valid_job_uses_the_default_voice(voices):
+    settings = make_settings(POCKET_TTS_VOICES_DIR=voices, POCKET_TTS_DEFAULT_VOICE="narrator.wav")
+
+    job = validate_job("Hello.", None, 0, "flac", settings)
+
+    assert (job.text, job.voice, job.temperature, job.format) == (
+        "Hello.", str((voices / "narrator.wav").resolve()), 0.0, "flac",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, temperature, format, message",
+    [
+        ("", None, "wav", "text is empty"),
+        ("\n\t ", None, "wav", "text is empty"),
+        (None, None, "wav", "text must be a string"),
+        ("x" * 11, None, "wav", "text is 11 characters long; the limit is 10"),
+        ("Hi.", True, "wav", "temperature must be a number"),
+        ("Hi.", "0.5", "wav", "temperature must be a number"),
+        ("Hi.", -0.1, "wav", "temperature must be between 0 and 2"),
+        ("Hi.", 2.5, "wav", "temperature must be between 0 and 2"),
+        ("Hi.", math.nan, "wav", "temperature must be between 0 and 2"),
+        ("Hi.", math.inf, "wav", "temperature must be between 0 and 2"),
+        ("Hi.", None, "mp3", "format 'mp3' is not supported; use one of wav, flac, ogg"),
+        ("Hi.", None, None, "format None is not supported"),
+    ],
+)
+def test_bad_requests_are_refused_with_one_line(text, temperature, format, message):
+    with pytest.raises(InvalidJobError, match=message) as refused:
+        validate_job(text, "alba", temperature, format, make_settings(POCKET_TTS_MAX_TEXT_CHARS=10))
+
+    assert "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_audio_paths_are_sharded_by_task_id(tmp_path):
+    path = audio_path(tmp_path, "0b7f3c1e-5a8a-4c1c-9d0e-1f2a3b4c5d6e", "ogg")
+
+    assert path.name == "0b7f3c1e-5a8a-4c1c-9d0e-1f2a3b4c5d6e.ogg"
+    assert path.parent.parent.parent == tmp_path
+    assert all(len(part) == 2 for part in (path.parent.name, path.parent.parent.name))
+
+
+@pytest.mark.parametrize("task_id", ["", "../x", "a/b", ".hidden", "x" * 200])
+def test_unsafe_task_ids_are_refused(tmp_path, task_id):
+    with pytest.raises(InvalidJobError, match="cannot be used as a file name"):
+        audio_path(tmp_path, task_id, "wav")
+
+
+def test_atomic_write_publishes_a_complete_readable_file(tmp_path):
+    target = tmp_path / "ab" / "cd" / "job.wav"
+
+    write_atomically(target, lambda temp: temp.write_bytes(b"RIFF done"))
+
+    assert target.read_bytes() == b"RIFF done"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["job.wav"]
+
+
+def test_a_full_disk_fails_the_job_and_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "ab" / "cd" / "job.wav"
+
+    def fill_the_disk(temp):
+        temp.write_bytes(b"RIFF half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(StorageError, match=f"cannot write audio file {target}: No space left on device"):
+        write_atomically(target, fill_the_disk)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_unwritable_storage_fails_the_job_clearly(tmp_path):
+    (tmp_path / "ab").write_text("a file where a shard folder should be")
+
+    with pytest.raises(StorageError, match=f"cannot write audio in {tmp_path / 'ab' / 'cd'}: "):
+        write_atomically(tmp_path / "ab" / "cd" / "job.wav", lambda temp: None)
+
+
+def test_an_interrupted_write_leaves_no_file_and_is_not_disguised(tmp_path):
+    target = tmp_path / "job.wav"
+
+    def interrupted(temp):
+        temp.write_bytes(b"RIFF")
+        raise KeyboardInterrupt  # stands for SoftTimeLimitExceeded or a shutdown
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, interrupted)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- deliveries
+
+
+class CountingBackend:
+    def __init__(self):
+        self.counts, self.expiries = {}, {}
+
+    def incr(self, key):
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key]
+
+    def expire(self, key, seconds):
+        self.expiries[key] = seconds
+
+
+def test_deliveries_are_counted_per_task_until_the_cap():
+    backend = CountingBackend()
+
+    assert [record_delivery(backend, "job-1", 2, 600) for _ in range(2)] == [1, 2]
+    with pytest.raises(RedeliveryLimitError, match="job job-1 was delivered 3 times") as gave_up:
+        record_delivery(backend, "job-1", 2, 600)
+
+    assert "POCKET_TTS_MAX_DELIVERIES=2" in str(gave_up.value)
+    assert record_delivery(backend, "job-2", 2, 600) == 1
+    assert backend.expiries == {KEY_PREFIX + "job-1": 600, KEY_PREFIX + "job-2": 600}
+
+
+# ---------------------------------------------------------------- time limits and Celery settings
+
+
+def synthesis_request(*args, **options):
+    message = TaskMessage("pocket_tts.synthesize", args=args, timelimit=options.pop("timelimit", [None, None]))
+    return SynthesisRequest(message, app=app, task=app.tasks["pocket_tts.synthesize"])
+
+
+def test_time_limits_follow_the_length_of_the_text(monkeypatch):
+    settings = make_settings(POCKET_TTS_TIME_LIMIT_BASE=20, POCKET_TTS_TIME_LIMIT_PER_CHAR=0.5)
+    monkeypatch.setattr("tasks.synthesis.current_settings", lambda: settings)
+
+    assert synthesis_request("x" * 100).time_limits == (100, 70)  # (hard, soft)
+    assert synthesis_request("x" * 10).time_limits == (55, 25)
+    assert synthesis_request(None).time_limits == (550, 520)  # invalid text: the longest limits
+    assert synthesis_request("x", timelimit=[9, 8]).time_limits == [9, 8]  # the sender's own limits win
+
+
+def test_celery_settings_hold_the_reliability_rules():
+    settings = make_settings(POCKET_TTS_MAX_MEMORY_PER_CHILD_MB=1500, POCKET_TTS_MAX_TASKS_PER_CHILD=200)
+    config = celery_config(settings)
+
+    assert config["accept_content"] == config["result_accept_content"] == ["json"]
+    assert config["task_serializer"] == config["result_serializer"] == "json"
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_transport_options"]["visibility_timeout"] >= 2 * config["task_time_limit"]
+    assert config["task_soft_time_limit"] < config["task_time_limit"]
+    assert config["worker_send_task_events"] and config["task_send_sent_event"]
+    assert config["worker_max_memory_per_child"] == 1500 * 1024  # KiB
+    assert config["worker_max_tasks_per_child"] == 200
+    assert config["worker_soft_shutdown_timeout"] == 60
+    assert app.tasks["pocket_tts.synthesize"].name == "pocket_tts.synthesize"
+    assert "pocket_tts.worker_info" in app.tasks

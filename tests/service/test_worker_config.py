@@ -1,0 +1,185 @@
+"""Settings from the environment, usable CPUs (affinity mask, cgroup quota) and the thread budget."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import celery.utils.sysinfo as sysinfo
+import pytest
+
+import tasks.celery_app as celery_app
+from worker_config import (
+    OversubscriptionError,
+    SettingsError,
+    UsableCpus,
+    check_thread_budget,
+    load_settings,
+    usable_cpus,
+)
+
+FOUR_CPUS = UsableCpus(count=4, affinity=4, cgroup_quota=None)
+
+
+def settings_from(cpus=FOUR_CPUS, **env):
+    return load_settings({k: str(v) for k, v in env.items()}, cpus=cpus)
+
+
+def test_defaults():
+    settings = settings_from()
+
+    assert settings.broker_url == settings.result_backend == "redis://localhost:6379/0"
+    assert (settings.num_threads, settings.concurrency) == (1, 4)
+    assert settings.default_voice == "alba" and settings.voices_dir is None
+    assert settings.storage_dir.is_absolute()
+    assert settings.max_deliveries == 3 and not settings.allow_oversubscribe
+
+
+def test_result_backend_defaults_to_the_brokers_redis():
+    settings = settings_from(CELERY_BROKER_URL="redis://:pw@redis:6379/2")
+
+    assert settings.result_backend == "redis://:pw@redis:6379/2"
+    assert settings_from(CELERY_RESULT_BACKEND="redis://other/1").result_backend == "redis://other/1"
+
+
+@pytest.mark.parametrize(
+    "threads, cpus, concurrency",
+    [(1, 4, 4), (2, 4, 2), (3, 4, 1), (8, 4, 1), (2, 5, 2)],
+)
+def test_default_concurrency_is_usable_cpus_over_threads(threads, cpus, concurrency):
+    settings = settings_from(UsableCpus(cpus, cpus, None), POCKET_TTS_NUM_THREADS=threads)
+
+    assert settings.concurrency == concurrency
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"POCKET_TTS_NUM_THREADS": "0"}, "POCKET_TTS_NUM_THREADS must be a positive integer"),
+        ({"POCKET_TTS_NUM_THREADS": "two"}, "POCKET_TTS_NUM_THREADS must be a positive integer"),
+        ({"POCKET_TTS_CONCURRENCY": "-1"}, "POCKET_TTS_CONCURRENCY must be an integer >= 1"),
+        ({"POCKET_TTS_MAX_TEXT_CHARS": "lots"}, "POCKET_TTS_MAX_TEXT_CHARS must be an integer >= 1"),
+        ({"POCKET_TTS_TIME_LIMIT_PER_CHAR": "nan"}, "POCKET_TTS_TIME_LIMIT_PER_CHAR must be a number of seconds"),
+        ({"POCKET_TTS_ALLOW_OVERSUBSCRIBE": "maybe"}, "POCKET_TTS_ALLOW_OVERSUBSCRIBE must be 1/0"),
+        ({"POCKET_TTS_LANGUAGE": "english", "POCKET_TTS_CONFIG": "c.yaml"}, "either POCKET_TTS_LANGUAGE or"),
+        ({"POCKET_TTS_VISIBILITY_TIMEOUT": "100"}, "must be at least twice the longest hard time limit"),
+    ],
+)
+def test_invalid_values_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        settings_from(**env)
+
+
+def test_time_limits_scale_with_the_text_and_the_visibility_timeout_covers_twice_the_longest():
+    settings = settings_from(
+        POCKET_TTS_TIME_LIMIT_BASE=10, POCKET_TTS_TIME_LIMIT_PER_CHAR=0.5, POCKET_TTS_TIME_LIMIT_GRACE=5,
+        POCKET_TTS_MAX_TEXT_CHARS=4000,
+    )  # fmt: skip
+
+    assert settings.time_limits(0) == (10, 15)
+    assert settings.time_limits(100) == (60, 65)
+    assert settings.longest_time_limits == settings.time_limits(10**6) == (2010, 2015)
+    assert settings.visibility_timeout == 4030
+
+
+def test_missing_model_files_are_reported(tmp_path):
+    settings = settings_from(
+        POCKET_TTS_CONFIG=tmp_path / "missing.yaml", POCKET_TTS_WEIGHTS="hf://kyutai/x/model.safetensors",
+        POCKET_TTS_VOICES_DIR=tmp_path / "nope",
+    )  # fmt: skip
+
+    assert settings.missing_model_files() == [
+        f"POCKET_TTS_CONFIG={tmp_path / 'missing.yaml'} is not a file",
+        f"POCKET_TTS_VOICES_DIR={tmp_path / 'nope'} is not a directory",
+    ]
+
+
+@pytest.fixture
+def fake_machine(monkeypatch, tmp_path):
+    """An affinity mask and a cgroup tree under tmp_path instead of the real ones."""
+
+    def configure(affinity: int, cgroup_lines: str, files: dict[str, str]):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+        if hasattr(os, "process_cpu_count"):
+            monkeypatch.setattr(os, "process_cpu_count", lambda: affinity)
+        (tmp_path / "proc_self_cgroup").write_text(cgroup_lines)
+        monkeypatch.setattr(sysinfo, "PROC_SELF_CGROUP", str(tmp_path / "proc_self_cgroup"))
+        monkeypatch.setattr(sysinfo, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+        for relative, content in files.items():
+            path = tmp_path / "cgroup" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+
+    return configure
+
+
+def test_usable_cpus_follow_the_affinity_mask(fake_machine):
+    fake_machine(3, "0::/\n", {})
+
+    assert usable_cpus() == UsableCpus(count=3, affinity=3, cgroup_quota=None)
+
+
+def test_usable_cpus_follow_a_cgroup_v2_quota(fake_machine):
+    fake_machine(16, "0::/docker/abc\n", {"docker/abc/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"})
+
+    assert usable_cpus() == UsableCpus(count=2, affinity=16, cgroup_quota=1.5)
+
+
+def test_usable_cpus_follow_a_cgroup_v1_quota(fake_machine):
+    fake_machine(
+        8,
+        "4:cpu,cpuacct:/kubepods/pod1\n",
+        {"cpu,cpuacct/kubepods/pod1/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/kubepods/pod1/cpu.cfs_period_us": "100000\n"},
+    )
+
+    assert usable_cpus() == UsableCpus(count=2, affinity=8, cgroup_quota=2.0)
+
+
+def test_budget_within_the_cpus_passes_silently():
+    assert check_thread_budget(settings_from(POCKET_TTS_NUM_THREADS=2).thread_budget(2), False) is None
+
+
+def test_oversubscription_is_refused_with_the_numbers_and_the_fix():
+    budget = settings_from(UsableCpus(2, 4, 2.0), POCKET_TTS_NUM_THREADS=2).thread_budget(3)
+
+    with pytest.raises(OversubscriptionError) as refused:
+        check_thread_budget(budget, allow_oversubscribe=False)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "concurrency 3 x 2 torch thread(s) per child = 6 threads on 2 usable CPUs" in message
+    assert "(affinity mask 4, cgroup quota 2)" in message
+    assert "lower the concurrency to 1" in message and "POCKET_TTS_ALLOW_OVERSUBSCRIBE=1" in message
+
+
+def test_oversubscription_opt_in_starts_with_a_warning():
+    budget = settings_from(UsableCpus(2, 2, None)).thread_budget(3)
+
+    assert "starting oversubscribed because POCKET_TTS_ALLOW_OVERSUBSCRIBE=1" in check_thread_budget(budget, True)
+
+
+def test_worker_parent_refuses_oversubscription_and_otherwise_logs_its_budget(monkeypatch, caplog):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "8")  # restored after the test
+    monkeypatch.setattr(celery_app, "current_settings", lambda: settings_from(UsableCpus(2, 2, None)))
+
+    with pytest.raises(SystemExit) as refused:
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=3))
+    assert refused.value.code == celery_app.EX_CONFIG
+
+    with caplog.at_level("INFO"):
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=2))
+    assert "thread budget: concurrency 2 x 1 torch thread(s) per child = 2 threads on 2 usable CPUs" in caplog.text
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+
+
+def test_worker_parent_allows_oversubscription_when_asked(monkeypatch, caplog):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    settings = settings_from(UsableCpus(2, 2, None), POCKET_TTS_ALLOW_OVERSUBSCRIBE="true")
+    monkeypatch.setattr(celery_app, "current_settings", lambda: settings)
+
+    with caplog.at_level("WARNING"):
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=4))
+
+    assert "starting oversubscribed" in caplog.text and "4 threads on 2 usable CPUs" in caplog.text
