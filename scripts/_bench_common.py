@@ -173,6 +173,7 @@ def summarize(runs: list[dict]) -> dict:
         "wall_s_min": round(min(wall), 3),
         "wall_s_max": round(max(wall), 3),
         "rtf": round(audio / wall_median, 3),
+        "cpu_per_wall": round(statistics.median(run["cpu_s"] / run["wall_s"] for run in runs), 2),
         "first_chunk_s": round(statistics.median(run["first_chunk_s"] for run in runs), 4),
     }
 

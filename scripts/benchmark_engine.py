@@ -10,7 +10,8 @@ number of frames. Each (engine, thread count) runs in a fresh process.
     python scripts/benchmark_engine.py --kyutai-python /work/kyutai-venv/bin/python --kyutai-int8
 
 xRT is audio seconds per wall second (higher is faster); first chunk is the time
-from the generation call to the first audio piece.
+from the generation call to the first audio piece; CPU s/s is the process's CPU
+time per wall second (below the thread count: it waited for a core).
 """
 
 from __future__ import annotations
@@ -101,11 +102,12 @@ def add_ratios(results: list[dict]) -> None:
 def print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; checkpoint: {report['checkpoint']}")
-    headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s",
+    headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s", "CPU s/s",
                "xRT ours/this", "first chunk ours/this"]  # fmt: skip
     rows = [
         [row["threads"], row["engine"], f"{row['audio_s']:.2f}", bench.wall_cell(row), f"{row['rtf']:.2f}",
-         f"{row['first_chunk_s']:.3f}", row.get("xrt_ours_over_this", ""), row.get("first_chunk_ours_over_this", "")]
+         f"{row['first_chunk_s']:.3f}", f"{row['cpu_per_wall']:.2f}", row.get("xrt_ours_over_this", ""),
+         row.get("first_chunk_ours_over_this", "")]
         for row in report["results"]
     ]  # fmt: skip
     print(bench.format_table(headers, rows))

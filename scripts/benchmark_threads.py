@@ -11,7 +11,8 @@ of several sentences that is split into chunks).
         --voice small/voice.wav --threads 1 --iterations 1 --json
 
 RTF is audio seconds per wall second (higher is faster); first chunk is the time
-from the generation call to the first audio piece. With random weights the
+from the generation call to the first audio piece; CPU s/s is the process's CPU
+time per wall second (below the thread count: it waited for a core). With random weights the
 generation runs at temperature 0 with an unreachable EOS threshold, so the audio
 length depends on the text only (it is not speech).
 """
@@ -111,10 +112,10 @@ def measure(args, workdir: Path) -> dict:
 def print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; model: {report['model']}")
-    headers = ["threads", "text", "audio s", "generation s median (min-max)", "RTF", "first chunk s"]
+    headers = ["threads", "text", "audio s", "generation s median (min-max)", "RTF", "first chunk s", "CPU s/s"]
     rows = [
         [row["threads"], row["text"], f"{row['audio_s']:.2f}", bench.wall_cell(row), f"{row['rtf']:.2f}",
-         f"{row['first_chunk_s']:.3f}"]
+         f"{row['first_chunk_s']:.3f}", f"{row['cpu_per_wall']:.2f}"]
         for row in report["results"]
     ]  # fmt: skip
     print(bench.format_table(headers, rows))
