@@ -129,7 +129,10 @@ def test_usable_cpus_follow_a_cgroup_v1_quota(fake_machine):
     fake_machine(
         8,
         "4:cpu,cpuacct:/kubepods/pod1\n",
-        {"cpu,cpuacct/kubepods/pod1/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/kubepods/pod1/cpu.cfs_period_us": "100000\n"},
+        {
+            "cpu,cpuacct/kubepods/pod1/cpu.cfs_quota_us": "200000\n",
+            "cpu,cpuacct/kubepods/pod1/cpu.cfs_period_us": "100000\n",
+        },
     )
 
     assert usable_cpus() == UsableCpus(count=2, affinity=8, cgroup_quota=2.0)
