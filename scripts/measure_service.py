@@ -1,0 +1,304 @@
+"""Measure the worker service on this machine: queue overhead, memory per process, redo time of a killed job.
+
+    python scripts/measure_service.py --parity-dir ../shared/parity [--jobs 200] [--kills 5]
+
+Starts its own redis-server (loopback, free port) and `celery -A tasks worker --pool=prefork`
+subprocesses, and stops them all before exiting. Three measurements:
+
+1. Enqueue-to-result overhead beyond synthesis, over --jobs small jobs sent one at a time on the
+   small parity checkpoint: client-side latency (send_task .. result.get) minus the in-task run time
+   the worker reports in its task-succeeded event. The no-op `pocket_tts.worker_info` round trip is
+   reported too, as Celery's own floor.
+2. PSS (proportional set size, /proc/<pid>/smaps_rollup) of the worker's main process and of each
+   child with a full-size random-weight checkpoint in the official layout, after each child ran a job.
+3. How long a job whose child is SIGKILLed mid-job takes to start again (task-started events),
+   --kills times, on the full-size checkpoint.
+
+The random checkpoints make noise, never speech; only the costs are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from celery import Celery, group
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOICE_FILE = "voice_24k.wav"
+LONG_TEXT = " ".join(f"Sentence number {i} is here so that the job keeps its worker busy for a while." for i in range(12))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_group(process)
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+
+
+class Worker:
+    def __init__(self, client: Celery, env: dict[str, str], log: Path, name: str, concurrency: int):
+        self.client, self.node = client, f"{name}@{socket.gethostname()}"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork", "-c", str(concurrency),
+                 "-n", f"{name}@%h", "--loglevel=INFO", "--without-mingle", "--without-gossip"],  # fmt: skip
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while not client.control.ping(destination=[self.node], timeout=0.5):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                stop_group(self.process)
+                raise RuntimeError(f"worker did not start, see {log}")
+
+    def child_pids(self) -> list[int]:
+        return self.client.control.inspect(destination=[self.node], timeout=5).stats()[self.node]["pool"]["processes"]
+
+    def child_running(self, task_id: str) -> int:
+        """The pid of the child running a job (events carry the main process's pid)."""
+        active = self.client.control.inspect(destination=[self.node], timeout=5).active()[self.node]
+        return next(request["worker_pid"] for request in active if request["id"] == task_id)
+
+    def wait_children_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        info = self.client.signature("pocket_tts.worker_info")
+        while True:
+            reports = group(info.clone() for _ in range(8)).apply_async().get(timeout=timeout)
+            ready = {r["pid"] for r in reports if r["ready"]}
+            if set(self.child_pids()) <= ready:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("worker children did not load the model")
+
+    def stop(self) -> None:
+        stop_group(self.process)
+
+
+class TaskEvents:
+    """Collects task events from the workers in a background thread."""
+
+    def __init__(self, client: Celery):
+        self.succeeded: dict[str, dict] = {}
+        self.started: dict[str, list[dict]] = {}
+        self._client = client
+        self._receiver = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # let the receiver bind before jobs are sent
+
+    def _run(self) -> None:
+        with self._client.connection_for_read() as connection:
+            self._receiver = self._client.events.Receiver(
+                connection,
+                handlers={
+                    "task-succeeded": lambda e: self.succeeded.__setitem__(e["uuid"], e),
+                    "task-started": lambda e: self.started.setdefault(e["uuid"], []).append(e),
+                },
+            )
+            self._receiver.capture(limit=None, timeout=None, wakeup=True)
+
+    def wait_for(self, table: dict, task_id: str, count: int = 1, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = table.get(task_id)
+            if entry is not None and (not isinstance(entry, list) or len(entry) >= count):
+                return entry
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no event for {task_id}")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+
+
+def worker_env(broker_url: str, storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKET_TTS_", "CELERY_"))}
+    env.update(
+        CELERY_BROKER_URL=broker_url,
+        POCKET_TTS_CONFIG=str(config),
+        POCKET_TTS_STORAGE_DIR=str(storage),
+        POCKET_TTS_VOICES_DIR=str(voices),
+        POCKET_TTS_DEFAULT_VOICE=VOICE_FILE,
+        POCKET_TTS_NUM_THREADS="1",
+        POCKET_TTS_MAX_TEXT_CHARS="2000",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    if weights is not None:
+        env["POCKET_TTS_WEIGHTS"] = str(weights)
+    return env
+
+
+def measure_overhead(client: Celery, events: TaskEvents, jobs: int) -> dict:
+    def timed(name: str, args=(), kwargs=None) -> tuple[float, str]:
+        started = time.perf_counter()
+        result = client.send_task(name, args=args, kwargs=kwargs)
+        result.get(timeout=60)
+        return time.perf_counter() - started, result.id
+
+    for _ in range(20):  # warm connections, voice cache and code paths
+        timed("pocket_tts.synthesize", ("Hi.",), {"temperature": 0})
+    latencies, runtimes = [], []
+    for _ in range(jobs):
+        latency, task_id = timed("pocket_tts.synthesize", ("Hi.",), {"temperature": 0})
+        latencies.append(latency)
+        runtimes.append(events.wait_for(events.succeeded, task_id)["runtime"])
+    noop = [timed("pocket_tts.worker_info")[0] for _ in range(jobs)]
+    overhead = [lat - run for lat, run in zip(latencies, runtimes)]
+    ms = lambda values, q: round(1000 * percentile(values, q), 2)  # noqa: E731
+    return {
+        "jobs": jobs,
+        "end_to_end_ms": {"p50": ms(latencies, 50), "p95": ms(latencies, 95)},
+        "in_task_ms": {"p50": ms(runtimes, 50), "p95": ms(runtimes, 95)},
+        "overhead_beyond_synthesis_ms": {"p50": ms(overhead, 50), "p95": ms(overhead, 95)},
+        "noop_worker_info_round_trip_ms": {"p50": ms(noop, 50), "p95": ms(noop, 95)},
+    }
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":")
+        fields[name] = int(value.split()[0]) / 1024  # MiB
+    keys = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+    return {key: round(fields[key], 1) for key in keys}
+
+
+def measure_memory(worker: Worker) -> dict:
+    # One job per child first: memory as it is between jobs, not just after loading.
+    jobs = group(
+        worker.client.signature("pocket_tts.synthesize", args=("Warm the child.",), kwargs={"temperature": 0})
+        for _ in range(4)
+    )
+    jobs.apply_async().get(timeout=300)
+    children = worker.child_pids()
+    return {
+        "parent": memory_of(worker.process.pid),
+        "children": {str(pid): memory_of(pid) for pid in children},
+    }
+
+
+def measure_kill_redo(worker: Worker, events: TaskEvents, kills: int) -> dict:
+    delays, totals = [], []
+    for _ in range(kills):
+        sent = time.time()
+        result = worker.client.send_task("pocket_tts.synthesize", args=(LONG_TEXT,), kwargs={"temperature": 0})
+        events.wait_for(events.started, result.id, 1, timeout=120)
+        time.sleep(0.5)  # mid-job
+        os.kill(worker.child_running(result.id), signal.SIGKILL)
+        killed = time.time()
+        second = events.wait_for(events.started, result.id, 2, timeout=120)[1]
+        result.get(timeout=300)
+        delays.append(second["timestamp"] - killed)
+        totals.append(time.time() - sent)
+        worker.wait_children_ready()
+    return {
+        "redo_started_after_kill_s": [round(d, 3) for d in delays],
+        "median_s": round(statistics.median(delays), 3),
+        "killed_job_total_s": [round(t, 1) for t in totals],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parity-dir", type=Path, default=REPO_ROOT.parent / "shared" / "parity")
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="measure-service-") as tmp:
+        tmp = Path(tmp)
+        voices, storage = tmp / "voices", tmp / "audio"
+        voices.mkdir()
+        (voices / VOICE_FILE).write_bytes((args.parity_dir / VOICE_FILE).read_bytes())
+        redis, broker_url = start_redis(tmp)
+        client = Celery("measure", broker=broker_url, backend=broker_url)
+        client.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        events = TaskEvents(client)
+        report = {"machine": f"{os.cpu_count()} CPUs, {sys.platform}, python {sys.version.split()[0]}"}
+        try:
+            small = Worker(
+                client,
+                worker_env(broker_url, storage, voices, args.parity_dir / "config.yaml",
+                           args.parity_dir / "model.safetensors"),  # fmt: skip
+                tmp / "small.log",
+                "small",
+                args.concurrency,
+            )
+            try:
+                small.wait_children_ready()
+                report["overhead"] = measure_overhead(client, events, args.jobs)
+            finally:
+                small.stop()
+
+            from pocket_tts.random_checkpoint import write_random_checkpoint
+
+            config = write_random_checkpoint(tmp / "full")
+            full = Worker(
+                client, worker_env(broker_url, storage, voices, config, None), tmp / "full.log", "full",
+                args.concurrency,
+            )  # fmt: skip
+            try:
+                full.wait_children_ready()
+                report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
+                report["memory_mib"] = measure_memory(full)
+                report["kill_redo"] = measure_kill_redo(full, events, args.kills)
+            finally:
+                full.stop()
+        finally:
+            events.stop()
+            stop_group(redis)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
