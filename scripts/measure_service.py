@@ -36,7 +36,7 @@ from celery import Celery, group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOICE_FILE = "voice_24k.wav"
-LONG_TEXT = " ".join(f"Sentence number {i} is here so that the job keeps its worker busy for a while." for i in range(12))
+LONG_TEXT = " ".join(f"Sentence number {i} is here to keep the worker busy for a while." for i in range(14))
 
 
 def percentile(values: list[float], q: float) -> float:
