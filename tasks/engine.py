@@ -88,10 +88,6 @@ def load_engine(settings: Settings) -> Engine:
         return _engine
 
 
-def current_engine() -> Engine | None:
-    return _engine
-
-
 def process_info() -> dict:
     """What `pocket_tts.worker_info` reports about the process that runs it."""
     torch = sys.modules.get("torch")

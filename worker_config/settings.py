@@ -24,7 +24,7 @@ from worker_config.cpu_budget import (
 )
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
-MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default; never go below it
+MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default, the floor of ours
 
 
 class SettingsError(ValueError):
