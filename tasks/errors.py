@@ -15,3 +15,7 @@ class StorageError(JobError):
 
 class RedeliveryLimitError(JobError):
     """The job was delivered too many times: earlier attempts died with their worker process."""
+
+
+class SynthesisTimeLimitError(JobError):
+    """The job ran past its soft time limit."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
 from tasks.celery_app import app
 from tasks.deliveries import record_delivery
 from tasks.engine import load_engine, process_info
-from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError
+from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError, SynthesisTimeLimitError
 from tasks.storage import audio_path, write_atomically
 from tasks.validation import validate_job
 from worker_config import current_settings
@@ -33,7 +34,7 @@ class SynthesisRequest(Request):
 class SynthesisTask(Task):
     Request = SynthesisRequest
     # Expected failures: logged as one line, without a traceback, and never retried.
-    throws = (InvalidJobError, StorageError, RedeliveryLimitError)
+    throws = (InvalidJobError, StorageError, RedeliveryLimitError, SynthesisTimeLimitError)
 
 
 @app.task(name="pocket_tts.synthesize", bind=True, base=SynthesisTask)
@@ -44,11 +45,19 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     job = validate_job(text, voice, temperature, format, settings)
     path = audio_path(settings.storage_dir, self.request.id, job.format)
     engine = load_engine(settings)  # already loaded in a prefork child; loads on first use elsewhere
-    audio = engine.synthesize(job)
 
     from pocket_tts.audio import write_audio  # torch module: workers only
 
-    write_atomically(path, lambda temp_path: write_audio(temp_path, audio, engine.sample_rate, job.format))
+    try:
+        audio = engine.synthesize(job)
+        write_atomically(path, lambda temp_path: write_audio(temp_path, audio, engine.sample_rate, job.format))
+    except SoftTimeLimitExceeded:
+        _, sent_soft_limit = self.request.timelimit or (None, None)
+        soft_limit = sent_soft_limit or settings.time_limits(len(job.text))[0]
+        raise SynthesisTimeLimitError(
+            f"synthesis of {len(job.text)} characters passed its soft time limit of {soft_limit:g} s "
+            "(POCKET_TTS_TIME_LIMIT_BASE / POCKET_TTS_TIME_LIMIT_PER_CHAR)"
+        ) from None
     return str(path)
 
 

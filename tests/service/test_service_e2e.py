@@ -229,3 +229,26 @@ def test_enqueue_client_without_torch(session_worker, worker_env, service_files)
     failure, job_id, path = run.stdout.splitlines()
     assert "InvalidJobError: unknown voice 'nobody'" in failure
     assert len(job_id) == 36 and Path(path).is_file() and Path(path).is_relative_to(service_files.storage)
+
+
+def test_time_limits_computed_from_the_text_are_enforced(launch_worker, client_app, service_files):
+    limits = {"POCKET_TTS_TIME_LIMIT_BASE": "1", "POCKET_TTS_TIME_LIMIT_PER_CHAR": "0.01"}
+    launch_worker("limits", "-c", "1", "--include", "service_test_hooks", queue="limits", env=limits)
+    text = "SLOW job that outlives its limit."  # 33 characters: soft limit 1.33 s, the hook sleeps 3 s
+
+    result = client_app.send_task("pocket_tts.synthesize", args=(text,), queue="limits")
+    result.get(timeout=JOB_TIMEOUT, propagate=False)
+
+    assert result.state == "FAILURE" and type(result.result).__name__ == "SynthesisTimeLimitError"
+    assert "synthesis of 33 characters passed its soft time limit of 1.33 s" in str(result.result)
+    assert service_files.files_of(result.id) == []
+
+
+def test_time_limits_set_by_the_sender_win(session_worker, client_app, service_files):
+    result = client_app.send_task(
+        "pocket_tts.synthesize", args=("SLOW job with its own limit.",), soft_time_limit=0.5, time_limit=20
+    )
+    result.get(timeout=JOB_TIMEOUT, propagate=False)
+
+    assert result.state == "FAILURE" and "passed its soft time limit of 0.5 s" in str(result.result)
+    assert service_files.files_of(result.id) == []
