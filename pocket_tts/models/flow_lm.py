@@ -8,8 +8,6 @@ replaced by the learnt `bos_emb`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,10 +33,11 @@ class VarianceNorm(nn.Module):
 class TimeEmbedding(nn.Module):
     """Scalar time in [0, 1] -> vector, through sinusoidal features and a small MLP."""
 
-    def __init__(self, dim: int, n_frequencies: int = 256, max_period: float = 10000.0):
+    def __init__(self, dim: int, n_frequencies: int = 256):
         super().__init__()
-        half = n_frequencies // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+        # exp(-ln(10000) k / half), stored in the checkpoint. Computing it here on the meta
+        # device would import ~70 MB of torch's compiler stack into every worker.
+        self.register_buffer("freqs", torch.empty(n_frequencies // 2))
         self.mlp = nn.Sequential(nn.Linear(n_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim), VarianceNorm(dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,7 @@ class TextEmbedding(nn.Module):
 
     def __init__(self, n_bins: int, dim: int):
         super().__init__()
-        # An explicit weight skips the random init, which on the meta device imports ~70 MB of torch.
+        # An explicit weight skips the random init, which on the meta device imports torch's compiler stack.
         self.embed = nn.Embedding(n_bins + 1, dim, _weight=torch.empty(n_bins + 1, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
