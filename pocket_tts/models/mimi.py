@@ -7,7 +7,9 @@ decode (streaming, once per generated frame):
 
 Latents are in "Mimi space" (FlowLM de-normalises its outputs before calling
 `decode`). All decoder streaming state lives in a `MimiDecoderState` that the
-caller owns; each batch row is an independent stream.
+caller owns; each batch row is an independent stream. Streams can join and
+leave a batched decode between calls: `concat_decoder_states`,
+`select_decoder_rows`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocket_tts.config import MimiConfig, MimiTransformerConfig
+from pocket_tts.models import onednn
 from pocket_tts.models.conv import ConvState, SEANetDecoder, SEANetEncoder, StreamingConv1d, StreamingConvTranspose1d
-from pocket_tts.models.transformer import LayerState, Transformer
+from pocket_tts.models.transformer import LayerState, Transformer, concat_window_states, select_window_rows
 
 
 @dataclass
@@ -28,6 +31,43 @@ class MimiDecoderState:
     upsample: ConvState  # overlap of the stride-16 transposed conv ({} if there is none)
     transformer: list[LayerState]  # one sliding-window KV state per decoder transformer layer
     seanet: list  # per SEANet decoder layer: conv state, residual-block states, or None (ELU)
+
+
+def concat_decoder_states(states: list[MimiDecoderState]) -> MimiDecoderState:
+    """One batched state holding the rows of `states`, in order.
+
+    Each row decodes as it would alone (to float32 rounding). Fresh states
+    (`init_decoder_state`) can join a batch after any number of calls; rows that
+    have decoded must be at the batch's position. That position
+    (`state.transformer[0]["offset"]`, 16 per frame) grows for as long as the
+    batch has rows, and float32 RoPE angles lose precision with it: a stream
+    joining after 1000 frames differs from its solo decode by ~1e-5, after an
+    hour (45000 frames) by ~3e-4. Start new batches now and then and let old ones drain.
+    """
+    return MimiDecoderState(
+        upsample=_map_rows(lambda *ts: torch.cat(ts), *(s.upsample for s in states)),
+        transformer=[concat_window_states(list(layer)) for layer in zip(*(s.transformer for s in states))],
+        seanet=_map_rows(lambda *ts: torch.cat(ts), *(s.seanet for s in states)),
+    )
+
+
+def select_decoder_rows(state: MimiDecoderState, rows: torch.Tensor | list[int]) -> MimiDecoderState:
+    """The state of rows `rows` (indices in the order wanted, or a bool mask): streams leaving a batch."""
+    return MimiDecoderState(
+        upsample=_map_rows(lambda t: t[rows], state.upsample),
+        transformer=[select_window_rows(s, rows) for s in state.transformer],
+        seanet=_map_rows(lambda t: t[rows], state.seanet),
+    )
+
+
+def _map_rows(fn, *trees):
+    """fn over the matching tensors of same-shaped nests of dicts, lists and Nones (conv states)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {key: _map_rows(fn, *(t[key] for t in trees)) for key in first}
+    if isinstance(first, list):
+        return [_map_rows(fn, *parts) for parts in zip(*trees)]
+    return None if first is None else fn(*trees)
 
 
 class ProjectedTransformer(nn.Module):
@@ -46,13 +86,14 @@ class ProjectedTransformer(nn.Module):
             max_period=cfg.max_period,
             context=cfg.context,
             layer_scale=cfg.layer_scale,
+            linear=onednn.Linear,
         )
         self.input_proj = None
         if cfg.input_dimension != cfg.d_model:
-            self.input_proj = nn.Linear(cfg.input_dimension, cfg.d_model, bias=False)
+            self.input_proj = onednn.Linear(cfg.input_dimension, cfg.d_model, bias=False)
         self.output_projs = None
         if cfg.output_dimensions[0] != cfg.d_model:
-            self.output_projs = nn.ModuleList([nn.Linear(cfg.d_model, cfg.output_dimensions[0], bias=False)])
+            self.output_projs = nn.ModuleList([onednn.Linear(cfg.d_model, cfg.output_dimensions[0], bias=False)])
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[LayerState]:
         states = [layer.self_attn.init_window_state(batch_size, dtype) for layer in self.transformer.layers]
@@ -151,7 +192,8 @@ class Mimi(nn.Module):
         """
         if latents.shape[1] == 0:
             return latents.new_zeros(latents.shape[0], self.channels, 0)
-        x = self.quantizer["output_proj"](latents.transpose(1, 2))
+        # The 1x1 projection as a matmul: cheaper than a conv call, and time-major like all decoder signals.
+        x = F.linear(latents, self.quantizer["output_proj"].weight[:, :, 0]).transpose(1, 2)
         if self.upsample is not None:
             x = self.upsample["convtr"](x, state.upsample)
         x = self.decoder_transformer(x, state.transformer)

@@ -9,8 +9,11 @@ Two cache layouts exist:
 * FlowLM (`context=None`, unlimited attention): the official voice-state layout
   `{"offset": int64[B], "pad": int64[B], "cache": [2, B, T, H, D]}` with keys
   stored after RoPE. `T` is a capacity; `offset` positions are filled.
-* Mimi (`context=N`): a sliding window `{"offset": int, "k": [B, H, W, D], "v": ...}`
-  holding at most the N - 1 most recent positions, all a new query can see.
+* Mimi (`context=N`): a sliding window `{"offset": int64[1], "k": [B, H, W, D], "v": ...}`
+  holding at most the N - 1 most recent positions, all a new query can see. All
+  rows share `offset`; an optional `"start": int64[B]` masks each row's keys
+  before its own first position, so streams can join a batch later
+  (`concat_window_states`, `select_window_rows`).
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, max_period: float, context: int | None):
+    def __init__(
+        self, d_model: int, num_heads: int, max_period: float, context: int | None, linear: type[nn.Linear] = nn.Linear
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.max_period = max_period
         self.context = context
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.in_proj = linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -100,8 +105,8 @@ class Attention(nn.Module):
         values = torch.cat((state["v"], v.transpose(1, 2)), dim=2)
         n = keys.shape[2]
         key_positions = (positions[:, -1:] + 1 - n) + torch.arange(n)
-        keep = self.context - 1
-        state["k"], state["v"] = keys[:, :, -keep:], values[:, :, -keep:]
+        drop = max(n + 1 - self.context, 0)  # keep the context - 1 newest (none when context == 1)
+        state["k"], state["v"] = keys[:, :, drop:], values[:, :, drop:]
         return keys, values, key_positions, state.get("start")
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, first_valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -129,6 +134,36 @@ class Attention(nn.Module):
         return {"offset": torch.zeros(1, dtype=torch.long), "k": empty, "v": empty.clone()}
 
 
+def concat_window_states(states: list[LayerState]) -> LayerState:
+    """The rows of several sliding-window states as one batch, at their latest offset.
+
+    RoPE is relative, so a row without history (fresh) can start at any
+    absolute position: it gets the batch's offset, a window of zero keys, and a
+    `start` that masks them. Rows with history must already be at that offset.
+    """
+    offset = max(int(s["offset"]) for s in states)
+    width = max(s["k"].shape[2] for s in states)
+    keys, values, starts = [], [], []
+    for s in states:
+        at, w = int(s["offset"]), s["k"].shape[2]
+        start = s.get("start", s["offset"].new_zeros(s["k"].shape[0]))
+        if at != offset:
+            if w and bool((start < at).any()):
+                raise ValueError(f"a row with attention history at offset {at} cannot join a batch at {offset}")
+            start = torch.full_like(start, offset)
+        pad = (0, 0, width - w, 0)  # on the left of the window axis
+        keys.append(F.pad(s["k"], pad))
+        values.append(F.pad(s["v"], pad))
+        starts.append(start)
+    offset_t = states[0]["offset"].new_tensor([offset])
+    return {"offset": offset_t, "k": torch.cat(keys), "v": torch.cat(values), "start": torch.cat(starts)}
+
+
+def select_window_rows(state: LayerState, rows) -> LayerState:
+    """Rows `rows` (indices or a mask) of a sliding-window state; the shared offset is copied."""
+    return {key: t.clone() if key == "offset" else t[rows] for key, t in state.items()}
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -147,13 +182,14 @@ class TransformerLayer(nn.Module):
         max_period: float,
         context: int | None,
         layer_scale: float | None,
+        linear: type[nn.Linear] = nn.Linear,
     ):
         super().__init__()
-        self.self_attn = Attention(d_model, num_heads, max_period, context)
+        self.self_attn = Attention(d_model, num_heads, max_period, context, linear)
         self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=False)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=False)
+        self.linear1 = linear(d_model, dim_feedforward, bias=False)
+        self.linear2 = linear(dim_feedforward, d_model, bias=False)
         if layer_scale is None:
             self.layer_scale_1 = self.layer_scale_2 = nn.Identity()
         else:
@@ -167,7 +203,11 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm layers. `states` holds one dict per layer, or is None (no cache)."""
+    """A stack of pre-norm layers. `states` holds one dict per layer, or is None (no cache).
+
+    `linear` builds the projections: an `nn.Linear` subclass with the same
+    parameters (Mimi passes `onednn.Linear`).
+    """
 
     def __init__(
         self,
@@ -178,10 +218,11 @@ class Transformer(nn.Module):
         max_period: float = 10000.0,
         context: int | None = None,
         layer_scale: float | None = None,
+        linear: type[nn.Linear] = nn.Linear,
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerLayer(d_model, num_heads, dim_feedforward, max_period, context, layer_scale)
+            TransformerLayer(d_model, num_heads, dim_feedforward, max_period, context, layer_scale, linear)
             for _ in range(num_layers)
         )
 
