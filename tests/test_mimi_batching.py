@@ -133,3 +133,17 @@ def test_context_one_keeps_no_window():
         pieces.append(attn(x[:, 3:], state))
         assert state["k"].shape[2] == 0
         assert torch.allclose(torch.cat(pieces, dim=1), attn(x, None), atol=1e-6)
+
+
+def test_a_late_row_sees_its_own_positions_however_long_the_batch_ran(mimi):
+    """Rows count attention positions from their own start: no drift after a long-running batch."""
+    streams = {"long": latents(16, 260), "late": latents(17, 4)}
+    got = run_batch(mimi, streams, {"long": 0, "late": 255}, frames=1)
+    assert max_diff(got["late"], solo(mimi, streams["late"])) <= TOL
+    state = mimi.init_decoder_state(1)
+    state.transformer[0]["offset"] += 10**7  # ~6 days of frames at 200 Hz steps
+    fresh = concat_decoder_states([state, mimi.init_decoder_state(1)])
+    fresh = select_decoder_rows(fresh, [1])
+    lat = streams["late"]
+    audio = torch.cat([mimi.decode(lat[:, i : i + 1], fresh) for i in range(lat.shape[1])], dim=-1)
+    assert max_diff(audio, solo(mimi, lat)) <= TOL

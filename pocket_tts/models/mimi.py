@@ -36,13 +36,10 @@ class MimiDecoderState:
 def concat_decoder_states(states: list[MimiDecoderState]) -> MimiDecoderState:
     """One batched state holding the rows of `states`, in order.
 
-    Each row decodes as it would alone (to float32 rounding). Fresh states
-    (`init_decoder_state`) can join a batch after any number of calls; rows that
-    have decoded must be at the batch's position. That position
-    (`state.transformer[0]["offset"]`, 16 per frame) grows for as long as the
-    batch has rows, and float32 RoPE angles lose precision with it: a stream
-    joining after 1000 frames differs from its solo decode by ~1e-5, after an
-    hour (45000 frames) by ~3e-4. Start new batches now and then and let old ones drain.
+    Each row decodes as it would alone (to float32 rounding): its attention
+    positions count from its own first frame, however long the batch has run.
+    Fresh states (`init_decoder_state`) can join a batch after any number of
+    calls; rows that have decoded must be at the batch's position.
     """
     return MimiDecoderState(
         upsample=_map_rows(lambda *ts: torch.cat(ts), *(s.upsample for s in states)),

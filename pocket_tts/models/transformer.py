@@ -11,9 +11,9 @@ Two cache layouts exist:
   stored after RoPE. `T` is a capacity; `offset` positions are filled.
 * Mimi (`context=N`): a sliding window `{"offset": int64[1], "k": [B, H, W, D], "v": ...}`
   holding at most the N - 1 most recent positions, all a new query can see. All
-  rows share `offset`; an optional `"start": int64[B]` masks each row's keys
-  before its own first position, so streams can join a batch later
-  (`concat_window_states`, `select_window_rows`).
+  rows advance together; an optional `"start": int64[B]` records where each row
+  began, so a stream can join a batch later (`concat_window_states`,
+  `select_window_rows`) and still see the positions it would see alone.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Attention(nn.Module):
             offsets = state["offset"]
         else:  # a sliding window advances all rows together
             offsets = state["offset"].expand(b)
+            if "start" in state:  # each row counts from its own first position, exactly as when alone
+                offsets = offsets - state["start"]
         positions = offsets[:, None] + torch.arange(t)
         cos, sin = rope_tables(positions, self.head_dim, self.max_period)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -107,7 +109,9 @@ class Attention(nn.Module):
         key_positions = (positions[:, -1:] + 1 - n) + torch.arange(n)
         drop = max(n + 1 - self.context, 0)  # keep the context - 1 newest (none when context == 1)
         state["k"], state["v"] = keys[:, :, drop:], values[:, :, drop:]
-        return keys, values, key_positions, state.get("start")
+        # With per-row starts, positions are relative: keys before a row's first position are < 0.
+        first_valid = torch.zeros_like(state["start"]) if "start" in state else None
+        return keys, values, key_positions, first_valid
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, first_valid: torch.Tensor | None) -> torch.Tensor | None:
         """[B, 1, Tq, Tk] visibility, or None when every query sees every key."""
@@ -137,9 +141,10 @@ class Attention(nn.Module):
 def concat_window_states(states: list[LayerState]) -> LayerState:
     """The rows of several sliding-window states as one batch, at their latest offset.
 
-    RoPE is relative, so a row without history (fresh) can start at any
-    absolute position: it gets the batch's offset, a window of zero keys, and a
-    `start` that masks them. Rows with history must already be at that offset.
+    A row without history (fresh) joins at the batch's offset with a window of
+    zero keys and `start` = that offset: its positions count from there, and
+    the zero keys fall before its start and are masked. Rows with history must
+    already be at that offset.
     """
     offset = max(int(s["offset"]) for s in states)
     width = max(s["k"].shape[2] for s in states)
