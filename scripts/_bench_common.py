@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import wave
 from pathlib import Path
 
@@ -44,9 +45,58 @@ def parse_threads(raw: str) -> list[int]:
     return threads
 
 
+def positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+def add_run_options(parser, default_threads: list[int]) -> None:
+    """The options both benchmark scripts share."""
+    defaults = ",".join(map(str, default_threads))
+    parser.add_argument(
+        "--threads", type=parse_threads, default=default_threads, help=f"comma-separated (default {defaults})"
+    )
+    parser.add_argument(
+        "--iterations", type=positive_int, default=3, help="timed runs per text after one warm-up (default 3)"
+    )
+    parser.add_argument(
+        "--wait-idle", action="store_true", help="start each process only once the CPUs are idle (shared machines)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
 def log(message: str) -> None:
     """Progress goes to stderr so that stdout holds only the results."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _cpu_idle_and_total() -> tuple[int, int]:
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+
+def wait_for_idle_cpus(min_idle: float = 0.9, window_s: float = 5.0, max_wait_s: float = 900.0) -> None:
+    """Wait until the machine's CPUs were at least `min_idle` idle over `window_s` (Linux only).
+
+    On a shared machine another process on "our" cores makes a multi-threaded run
+    wait at every parallel op; starting each measurement on idle CPUs avoids most of it.
+    """
+    if not Path("/proc/stat").is_file():
+        return
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        idle_before, total_before = _cpu_idle_and_total()
+        time.sleep(window_s)
+        idle_after, total_after = _cpu_idle_and_total()
+        idle = (idle_after - idle_before) / max(1, total_after - total_before)
+        if idle >= min_idle:
+            return
+        if time.monotonic() > deadline:
+            log(f"CPUs still busy ({idle:.0%} idle) after {max_wait_s:.0f} s; measuring anyway")
+            return
+        log(f"waiting for idle CPUs ({idle:.0%} idle) ...")
 
 
 def machine_info() -> dict:
@@ -129,7 +179,12 @@ def kyutai_config(config: Path, weights: Path, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def run_worker(spec: dict, python: str = sys.executable, cwd: Path | None = None) -> dict:
+def first_cpus(count: int) -> list[int]:
+    """The first `count` CPUs this process may run on (all of them if there are fewer)."""
+    return sorted(os.sched_getaffinity(0))[:count]
+
+
+def run_worker(spec: dict, python: str = sys.executable, cwd: Path | None = None, wait_idle: bool = False) -> dict:
     """Run one `_bench_worker.py` process on `spec`; return its JSON result.
 
     Our engine reads the thread count from the environment at import; Kyutai's worker
@@ -143,6 +198,8 @@ def run_worker(spec: dict, python: str = sys.executable, cwd: Path | None = None
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     else:
         env.pop("PYTHONPATH", None)
+    if wait_idle:
+        wait_for_idle_cpus()
     completed = subprocess.run(
         [python, str(WORKER), json.dumps(spec)],
         cwd=cwd,

@@ -4,7 +4,8 @@ Run by `_bench_common.run_worker` as `python _bench_worker.py '<spec json>'`, wi
 our interpreter for our engine or Kyutai's for its reference package (both are
 imported as `pocket_tts`). The spec holds: engine ("ours" or "kyutai"), label,
 threads, load (keyword arguments of TTSModel.load_model), voice, warmup_text,
-texts ([name, text] pairs), iterations, max_tokens.
+texts ([name, text] pairs), iterations, max_tokens, and cpus (CPU ids to pin the
+process to, or null).
 
 stdout's last line is the result: {"torch_threads": n, "runs": [{text, audio_s,
 wall_s, cpu_s, first_chunk_s}, ...]}; progress goes to stderr.
@@ -12,6 +13,7 @@ wall_s, cpu_s, first_chunk_s}, ...]}; progress goes to stderr.
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -37,6 +39,8 @@ def timed_generation(model, voice_state, text: str, max_tokens: int) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec["cpus"]:
+        os.sched_setaffinity(0, spec["cpus"])  # before torch starts any thread
     import torch
 
     # Our engine applies POCKET_TTS_NUM_THREADS (set by the parent) when this is first imported.

@@ -35,16 +35,18 @@ def parse_args() -> argparse.Namespace:
         help="write the random checkpoint here, or reuse the config.yaml + model.safetensors found here "
         "(default: a temporary directory)",
     )
-    parser.add_argument("--threads", type=bench.parse_threads, default=[1, 2], help="comma-separated (default 1,2)")
-    parser.add_argument("--iterations", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    bench.add_run_options(parser, default_threads=[1, 2])
     parser.add_argument("--kyutai-python", help="interpreter that has Kyutai's pocket-tts; adds its runs")
     parser.add_argument("--kyutai-int8", action="store_true", help="also run Kyutai's int8 (quantize=True) model")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="restrict each process to as many CPUs as it has threads (Kyutai decodes in a second "
+        "Python thread, which otherwise runs on another core)",
+    )
     args = parser.parse_args()
     if args.kyutai_int8 and not args.kyutai_python:
         parser.error("--kyutai-int8 needs --kyutai-python")
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
     return args
 
 
@@ -82,11 +84,18 @@ def measure(args, workdir: Path) -> dict:
                 "texts": [["utterance", UTTERANCE]],
                 "iterations": args.iterations,
                 "max_tokens": 50,
+                "cpus": bench.first_cpus(threads) if args.pin_cores else None,
             }
-            worker = bench.run_worker(spec, python=engine["python"], cwd=workdir)
+            worker = bench.run_worker(spec, python=engine["python"], cwd=workdir, wait_idle=args.wait_idle)
             results.append({"engine": engine["label"], "threads": threads, **bench.summarize(worker["runs"])})
     add_ratios(results)
-    return {"machine": bench.machine_info(), "checkpoint": str(config), "text": UTTERANCE, "results": results}
+    return {
+        "machine": bench.machine_info(),
+        "checkpoint": str(config),
+        "text": UTTERANCE,
+        "pinned_cores": args.pin_cores,
+        "results": results,
+    }
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -101,7 +110,8 @@ def add_ratios(results: list[dict]) -> None:
 
 def print_table(report: dict) -> None:
     machine = report["machine"]
-    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; checkpoint: {report['checkpoint']}")
+    pinned = "; each process pinned to <threads> cores" if report["pinned_cores"] else ""
+    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; checkpoint: {report['checkpoint']}{pinned}")
     headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s", "CPU s/s",
                "xRT ours/this", "first chunk ours/this"]  # fmt: skip
     rows = [

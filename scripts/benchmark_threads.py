@@ -43,22 +43,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, help="model .safetensors for --config")
     parser.add_argument("--checkpoint-dir", type=Path, help="with --random-weights: write or reuse the checkpoint here")
     parser.add_argument("--voice", help="voice name, audio file or voice state (default: alba, or a synthetic prompt)")
-    parser.add_argument(
-        "--threads", type=bench.parse_threads, default=[1, 2, 4], help="comma-separated (default 1,2,4)"
-    )
     parser.add_argument("--texts", default="short,medium,long", help=f"comma-separated subset of {', '.join(TEXTS)}")
-    parser.add_argument("--iterations", type=int, default=3, help="timed runs per text after one warm-up (default 3)")
     parser.add_argument("--temperature", type=float, help="default: 0 with random weights, else the model's")
     parser.add_argument(
         "--eos-threshold", type=float, help="default: unreachable with random weights, else the model's"
     )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_run_options(parser, default_threads=[1, 2, 4])
     args = parser.parse_args()
     unknown = [name for name in args.texts.split(",") if name not in TEXTS]
     if unknown:
         parser.error(f"unknown text(s) {', '.join(unknown)}; choose from {', '.join(TEXTS)}")
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
     if args.checkpoint_dir and not args.random_weights:
         parser.error("--checkpoint-dir goes with --random-weights")
     return args
@@ -101,8 +95,8 @@ def measure(args, workdir: Path) -> dict:
         bench.log(f"{threads} thread(s): fresh process ...")
         spec = {"engine": "ours", "label": "ours", "threads": threads, "load": load, "voice": voice,
                 "warmup_text": bench.WARMUP_TEXT, "texts": texts, "iterations": args.iterations,
-                "max_tokens": 50}  # fmt: skip
-        runs = bench.run_worker(spec, cwd=workdir)["runs"]
+                "max_tokens": 50, "cpus": None}  # fmt: skip
+        runs = bench.run_worker(spec, cwd=workdir, wait_idle=args.wait_idle)["runs"]
         for name, _ in texts:
             summary = bench.summarize([run for run in runs if run["text"] == name])
             results.append({"threads": threads, "text": name, **summary})
