@@ -9,8 +9,8 @@ request's future resolves as soon as all of its chunks are done. A failure
 inside one request fails only that request's future.
 
 Rows are kept compact (active streams occupy rows 0..n-1 of one batched KV
-cache) so a step only touches live rows; a leaving stream's row is refilled by
-moving the last row into it.
+cache and of one batched Mimi decoder state) so a step only touches live rows;
+a leaving stream's row is refilled by moving the last row into it.
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ import math
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from pocket_tts.models.flow_lm import VoiceState
-from pocket_tts.models.mimi import MimiDecoderState
+from pocket_tts.models.mimi import MimiDecoderState, concat_decoder_states, select_decoder_rows
 from pocket_tts.models.tts_model import FADE_IN_SECONDS, MAX_TOKENS_PER_CHUNK, MIN_FRAMES_BEFORE_EOS, TTSModel
 from pocket_tts.text import prepare_text, split_into_chunks
 
 logger = logging.getLogger(__name__)
-
-DECODE_GROUP_FRAMES = 4  # latents decoded per Mimi call: fewer calls, same audio
 
 
 @dataclass
@@ -54,9 +52,7 @@ class _Stream:
     step: int = 0
     eos_step: int | None = None
     latent: torch.Tensor | None = None  # last emitted latent, the next step's input (flow space)
-    pending: list[torch.Tensor] = field(default_factory=list)  # latents waiting for the decoder
-    decoder: MimiDecoderState | None = None
-    decoded_samples: int = 0
+    done: bool = False
 
 
 class BatchedSynthesizer:
@@ -69,6 +65,7 @@ class BatchedSynthesizer:
         self._inbox: queue.Queue[_Stream | None] = queue.Queue()
         self._streams: list[_Stream] = []
         self._caches: list[dict[str, torch.Tensor]] = []
+        self._decoder: MimiDecoderState | None = None  # one row per stream, same order
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -131,7 +128,7 @@ class BatchedSynthesizer:
                 for stream in list(self._streams):
                     self._fail(stream.request, exc)
                 self._streams.clear()
-                self._caches = []
+                self._caches, self._decoder = [], None
 
     def _admit(self, block: bool) -> bool:
         """Move waiting streams into free rows; returns True when asked to stop."""
@@ -168,10 +165,11 @@ class BatchedSynthesizer:
             cache["cache"][:, row, :voice_len] = voice["cache"][:, 0, :voice_len]
             cache["offset"][row] = voice_len
             cache["pad"][row] = voice["pad"].view(-1)[0]
-        self._streams.append(stream)
         text = model.flow_lm.conditioner(torch.tensor([stream.ids], dtype=torch.long))
         model.flow_lm.prompt(text, self._row_views(row))
-        stream.decoder = model.mimi.init_decoder_state(1)
+        fresh = model.mimi.init_decoder_state(1)
+        self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
+        self._streams.append(stream)
 
     def _reserve(self, rows: int, length: int) -> None:
         """Grow the batched caches (rare: only when a longer or an extra row is needed)."""
@@ -216,46 +214,48 @@ class BatchedSynthesizer:
         noise = torch.randn(n, flow_lm.latent_dim) * std if bool((std > 0).any()) else torch.zeros(n, flow_lm.latent_dim)
         latents = flow_lm.sample(hidden, noise, model.sampler_decode_steps)
 
-        finished = []
         for row, stream in enumerate(streams):
             if stream.eos_step is None and eos[row] and stream.step >= MIN_FRAMES_BEFORE_EOS:
                 stream.eos_step = stream.step
             if stream.eos_step is not None and stream.step >= stream.eos_step + stream.frames_after_eos:
-                finished.append(row)
+                stream.done = True  # this step's latent is dropped (its row is decoded, then discarded)
                 continue
             stream.latent = latents[row : row + 1, None]
-            stream.pending.append(stream.latent)
             stream.step += 1
-            if stream.step >= stream.max_frames:
-                finished.append(row)
-            elif len(stream.pending) >= DECODE_GROUP_FRAMES:
-                self._decode(stream)
+        # Every row decodes one frame in one call; rows that just ended decode their unused latent.
+        audio = model.mimi.decode(flow_lm.to_mimi_space(latents[:, None]), self._decoder)[:, 0]
+        fade = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
+        for row, stream in enumerate(streams):
+            if stream.done:
+                continue
+            piece = audio[row].clone()  # a view would keep the whole batch's audio alive
+            if stream.step == 1:
+                piece[: fade.numel()] *= fade[: piece.numel()]
+            stream.request.pieces[stream.chunk_index].append(piece)
+            stream.done = stream.step >= stream.max_frames
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows, moving the last row into each freed one, and complete their requests."""
+        finished = [row for row, stream in enumerate(self._streams) if stream.done]
+        if not finished:
+            return
+        order = list(range(len(self._streams)))
         for row in reversed(finished):
-            self._finish(row)
+            stream = self._streams[row]
+            last = len(self._streams) - 1
+            if row != last:
+                for cache in self._caches:
+                    cache["cache"][:, row] = cache["cache"][:, last]
+                    cache["offset"][row] = cache["offset"][last]
+                    cache["pad"][row] = cache["pad"][last]
+                self._streams[row], order[row] = self._streams[last], order[last]
+            self._streams.pop()
+            order.pop()
+            self._complete_chunk(stream)
+        self._decoder = select_decoder_rows(self._decoder, order) if self._streams else None
 
-    def _decode(self, stream: _Stream) -> None:
-        model = self.model
-        latents = model.flow_lm.to_mimi_space(torch.cat(stream.pending, dim=1))
-        stream.pending.clear()
-        audio = model.mimi.decode(latents, stream.decoder)[0, 0]
-        if stream.decoded_samples == 0:
-            fade = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
-            audio[: fade.numel()] *= fade[: audio.numel()]
-        stream.decoded_samples += audio.numel()
-        stream.request.pieces[stream.chunk_index].append(audio)
-
-    def _finish(self, row: int) -> None:
-        stream = self._streams[row]
-        last = len(self._streams) - 1
-        if row != last:  # keep rows compact: the last row moves into the freed one
-            for cache in self._caches:
-                cache["cache"][:, row] = cache["cache"][:, last]
-                cache["offset"][row] = cache["offset"][last]
-                cache["pad"][row] = cache["pad"][last]
-            self._streams[row] = self._streams[last]
-        self._streams.pop()
-        if stream.pending:
-            self._decode(stream)
+    def _complete_chunk(self, stream: _Stream) -> None:
         request = stream.request
         request.remaining -= 1
         if request.remaining == 0 and not request.failed:
