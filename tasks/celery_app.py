@@ -68,6 +68,12 @@ app.add_defaults(lambda: celery_config(current_settings()))
 def prepare_worker_parent(sender, instance, **_):
     """In the worker's main process, after logging is set up and before the pool forks."""
     settings = current_settings()
+    in_process = _runs_jobs_in_threads(instance)
+    if settings.batching and not in_process:
+        _refuse_to_start(
+            f"POCKET_TTS_MAX_BATCH={settings.max_batch} batches the jobs of one process's pool threads: "
+            "start the worker with --pool=threads (or set POCKET_TTS_MAX_BATCH=1 for prefork)"
+        )
     budget = settings.thread_budget(instance.concurrency)
     try:
         warning = check_thread_budget(budget, settings.allow_oversubscribe)
@@ -80,6 +86,9 @@ def prepare_worker_parent(sender, instance, **_):
         logger.warning("pocket-tts: %s", warning)
     logger.info("pocket-tts thread budget: %s", budget.describe())
     logger.info("pocket-tts audio storage: %s", settings.storage_dir)
+    if in_process:  # no fork: this process runs the jobs, so it loads the model before taking any
+        _load_model(f"threads pool, batch {settings.max_batch}" if settings.batching else "threads pool")
+        return
     if "torch" in sys.modules:
         logger.warning("pocket-tts: torch was imported before the worker set OMP_NUM_THREADS=1 in its main process")
     # OpenMP and MKL read these once, when torch loads: in this process they keep any stray op here
@@ -96,10 +105,18 @@ def _refuse_to_start(reason: str):
     raise SystemExit(EX_CONFIG)
 
 
+def _runs_jobs_in_threads(worker) -> bool:
+    return getattr(worker.pool_cls, "__module__", "") == "celery.concurrency.thread"
+
+
 @signals.worker_process_init.connect
 def load_model_in_child(**_):
     """In each prefork child: set the thread budget, load the model, warm it up."""
+    _load_model("prefork child")
+
+
+def _load_model(where: str) -> None:
     try:
         load_engine(current_settings())
-    except Exception:  # the child stays up; its jobs retry the load and report the error
-        logger.exception("pocket-tts: model failed to load in process %d", os.getpid())
+    except Exception:  # the worker stays up; its jobs retry the load and report the error
+        logger.exception("pocket-tts: model failed to load in process %d (%s)", os.getpid(), where)

@@ -24,11 +24,17 @@ _engine: Engine | None = None
 
 
 class Engine:
-    def __init__(self, model, description: str, voice_cache_size: int):
+    def __init__(self, model, description: str, voice_cache_size: int, max_batch: int = 1):
         self.model = model
         self.description = description
         self._voice_cache_size = voice_cache_size
         self._voice_states: OrderedDict[tuple, object] = OrderedDict()
+        self._voice_lock = threading.Lock()  # pool threads share the cache
+        self._batcher = None
+        if max_batch > 1:
+            from pocket_tts.batching import BatchedSynthesizer
+
+            self._batcher = BatchedSynthesizer(model, max_batch=max_batch)
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -37,7 +43,7 @@ class Engine:
 
         model = TTSModel.load_model(language=settings.language, config=settings.config, weights=settings.weights)
         model.warmup()
-        return cls(model, describe_model(settings), settings.voice_cache_size)
+        return cls(model, describe_model(settings), settings.voice_cache_size, settings.max_batch)
 
     @property
     def sample_rate(self) -> int:
@@ -46,20 +52,24 @@ class Engine:
     def voice_state(self, voice: str):
         """The voice state for a resolved voice; a file's state is rebuilt when the file changes."""
         key = (voice, Path(voice).stat().st_mtime_ns if os.path.isabs(voice) else None)
-        state = self._voice_states.pop(key, None)
-        if state is None:
-            try:
-                state = self.model.get_state_for_audio_prompt(voice)
-            except (ValueError, FileNotFoundError) as exc:
-                raise InvalidJobError(f"voice {voice!r} cannot be used: {exc}") from None
-        self._voice_states[key] = state
-        while len(self._voice_states) > self._voice_cache_size:
-            self._voice_states.popitem(last=False)
-        return state
+        with self._voice_lock:
+            state = self._voice_states.pop(key, None)
+            if state is None:
+                try:
+                    state = self.model.get_state_for_audio_prompt(voice)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise InvalidJobError(f"voice {voice!r} cannot be used: {exc}") from None
+            self._voice_states[key] = state
+            while len(self._voice_states) > self._voice_cache_size:
+                self._voice_states.popitem(last=False)
+            return state
 
     def synthesize(self, job: Job):
         """1-D float32 audio at `sample_rate` (the voice state is never mutated)."""
-        return self.model.generate_audio(self.voice_state(job.voice), job.text, temp=job.temperature)
+        voice = self.voice_state(job.voice)
+        if self._batcher is not None:  # generated together with the other pool threads' jobs
+            return self._batcher.submit(voice, job.text, temp=job.temperature).result()
+        return self.model.generate_audio(voice, job.text, temp=job.temperature)
 
 
 def configure_torch_threads(num_threads: int) -> None:

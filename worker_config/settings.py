@@ -56,6 +56,7 @@ class Settings:
     soft_shutdown_timeout: float
     child_start_timeout: float
     voice_cache_size: int
+    max_batch: int
     cpus: UsableCpus
 
     def time_limits(self, text_chars: int) -> tuple[float, float]:
@@ -67,8 +68,15 @@ class Settings:
     def longest_time_limits(self) -> tuple[float, float]:
         return self.time_limits(self.max_text_chars)
 
+    @property
+    def batching(self) -> bool:
+        """One process generates the jobs of all its pool threads together (needs --pool=threads)."""
+        return self.max_batch > 1
+
     def thread_budget(self, concurrency: int | None = None) -> ThreadBudget:
-        return ThreadBudget(concurrency or self.concurrency, self.num_threads, self.cpus)
+        # A batching worker's pool threads only wait on its one generation loop: one "child".
+        processes = 1 if self.batching else concurrency or self.concurrency
+        return ThreadBudget(processes, self.num_threads, self.cpus)
 
     def missing_model_files(self) -> list[str]:
         """Local files named by the settings that do not exist (hub paths are checked at load)."""
@@ -148,12 +156,17 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
             f"time limit ({longest_hard_limit:g} s for {max_text_chars} characters): use >= {needed_visibility}"
         )
 
+    max_batch = env.integer("POCKET_TTS_MAX_BATCH", 1)
+    # Batching: enough pool threads to keep every row of the batch fed.
+    concurrency = env.integer(CONCURRENCY_ENV, None) or (
+        max_batch if max_batch > 1 else default_concurrency(cpus, num_threads)
+    )
     return Settings(
         broker_url=broker_url,
         result_backend=env.text("CELERY_RESULT_BACKEND") or broker_url,
         storage_dir=Path(env.text("POCKET_TTS_STORAGE_DIR") or "audio").expanduser().absolute(),
         num_threads=num_threads,
-        concurrency=env.integer(CONCURRENCY_ENV, None) or default_concurrency(cpus, num_threads),
+        concurrency=concurrency,
         allow_oversubscribe=env.flag(ALLOW_OVERSUBSCRIBE_ENV),
         language=language,
         config=config,
@@ -172,6 +185,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
         soft_shutdown_timeout=env.seconds("POCKET_TTS_SOFT_SHUTDOWN_TIMEOUT", 60.0),
         child_start_timeout=env.seconds("POCKET_TTS_CHILD_START_TIMEOUT", 120.0, minimum=1),
         voice_cache_size=env.integer("POCKET_TTS_VOICE_CACHE_SIZE", 8),
+        max_batch=max_batch,
         cpus=cpus,
     )
 

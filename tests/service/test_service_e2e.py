@@ -252,3 +252,33 @@ def test_time_limits_set_by_the_sender_win(session_worker, client_app, service_f
 
     assert result.state == "FAILURE" and "passed its soft time limit of 0.5 s" in str(result.result)
     assert service_files.files_of(result.id) == []
+
+
+def test_batching_worker_generates_concurrent_jobs_together(launch_worker, client_app, reference_audio):
+    """--pool=threads with POCKET_TTS_MAX_BATCH: one process, one generation loop, each job its own result."""
+    worker = launch_worker(
+        "batched", "--pool=threads", "-c", "4", queue="batched", env={"POCKET_TTS_MAX_BATCH": "4"}
+    )
+    texts = ["First job in the batch.", "Second one, a little longer than the first.", "Third.", "Fourth job here.",
+             "Fifth waits for a free row."]  # fmt: skip
+    results = [
+        client_app.send_task("pocket_tts.synthesize", args=(text,), kwargs={"temperature": 0}, queue="batched")
+        for text in texts
+    ]
+    for text, result in zip(texts, results):
+        assert_audio_matches(Path(result.get(timeout=JOB_TIMEOUT)), reference_audio(text))
+    info = client_app.send_task("pocket_tts.worker_info", queue="batched").get(timeout=JOB_TIMEOUT)
+    assert info["pid"] == worker.pid and info["ready"]  # the main process ran every job
+    output = worker.output()
+    assert "concurrency 1 x 1 torch thread(s) per child" in output  # pool threads are not CPU budget
+
+
+def test_batching_needs_the_threads_pool(worker_env, tmp_path):
+    process = start_worker({**worker_env, "POCKET_TTS_MAX_BATCH": "4"}, tmp_path, "batch-prefork", "-c", "1")
+    try:
+        returncode = process.wait(timeout=60)
+    finally:
+        stop_process_group(process)
+    output = (tmp_path / "batch-prefork.log").read_text()
+    assert returncode == 78, output
+    assert "start the worker with --pool=threads" in output

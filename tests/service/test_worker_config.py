@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import celery.utils.sysinfo as sysinfo
 import pytest
+from celery.concurrency.prefork import TaskPool as PreforkPool
 
 import tasks.celery_app as celery_app
 from worker_config import (
@@ -167,11 +168,11 @@ def test_worker_parent_refuses_oversubscription_and_otherwise_logs_its_budget(mo
     monkeypatch.setattr(celery_app, "current_settings", lambda: settings_from(UsableCpus(2, 2, None)))
 
     with pytest.raises(SystemExit) as refused:
-        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=3))
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=3, pool_cls=PreforkPool))
     assert refused.value.code == celery_app.EX_CONFIG
 
     with caplog.at_level("INFO"):
-        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=2))
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=2, pool_cls=PreforkPool))
     assert "thread budget: concurrency 2 x 1 torch thread(s) per child = 2 threads on 2 usable CPUs" in caplog.text
     assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
 
@@ -183,6 +184,16 @@ def test_worker_parent_allows_oversubscription_when_asked(monkeypatch, caplog):
     monkeypatch.setattr(celery_app, "current_settings", lambda: settings)
 
     with caplog.at_level("WARNING"):
-        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=4))
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=4, pool_cls=PreforkPool))
 
     assert "starting oversubscribed" in caplog.text and "4 threads on 2 usable CPUs" in caplog.text
+
+
+def test_batching_feeds_every_row_and_counts_one_process_against_the_cpus():
+    cpus = UsableCpus(count=2, affinity=2, cgroup_quota=None)
+    settings = load_settings({"POCKET_TTS_MAX_BATCH": "8", "POCKET_TTS_NUM_THREADS": "2"}, cpus=cpus)
+    assert settings.batching and settings.concurrency == 8
+    budget = settings.thread_budget()
+    assert budget.torch_threads == 2 and not budget.oversubscribed
+    with pytest.raises(SettingsError, match="POCKET_TTS_MAX_BATCH"):
+        load_settings({"POCKET_TTS_MAX_BATCH": "0"}, cpus=cpus)
