@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocket_tts.config import FlowLMConfig
+from pocket_tts.models import onednn
 from pocket_tts.models.transformer import LayerState, Transformer
 
 VoiceState = dict[str, LayerState]
@@ -129,7 +130,9 @@ class FlowLM(nn.Module):
             self.bos_before_voice = nn.Parameter(torch.zeros(1, 1, d))
         self.speaker_proj_weight = nn.Parameter(torch.zeros(d, latent_dim))
         self.input_linear = nn.Linear(latent_dim, d, bias=False)
-        self.transformer = Transformer(d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period))
+        self.transformer = Transformer(
+            d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period), linear=onednn.SharedLinear
+        )
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
         self.out_eos = nn.Linear(d, 1)
 

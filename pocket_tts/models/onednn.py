@@ -62,6 +62,20 @@ class Linear(nn.Linear):
         return _ops._linear_pointwise(x, w, self.bias, "none", [], "")
 
 
+class SharedLinear(nn.Linear):
+    """nn.Linear on oneDNN that reads the weight where it is, without a packed copy.
+
+    Slower than `Linear` (oneDNN re-lays the weight out on the fly) but faster than
+    MKL on AMD, and the weight stays the memory-mapped checkpoint page that every
+    process on the host shares: the FlowLM backbone's 300 MB must not be copied per worker.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast(self.weight):
+            return super().forward(x)
+        return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def conv1d(packed: PackedWeight, x, weight, bias, stride: int = 1, dilation: int = 1) -> torch.Tensor:
     """F.conv1d(x, weight, bias, stride, padding=0, dilation) for x [B, C_in, T]."""
     if not _fast(weight):
