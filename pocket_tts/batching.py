@@ -66,6 +66,8 @@ class BatchedSynthesizer:
         self._streams: list[_Stream] = []
         self._caches: list[dict[str, torch.Tensor]] = []
         self._decoder: MimiDecoderState | None = None  # one row per stream, same order
+        with torch.inference_mode():
+            self._time_conditions = model.flow_lm.time_conditions(model.sampler_decode_steps)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -212,7 +214,7 @@ class BatchedSynthesizer:
         eos = (flow_lm.eos_logit(hidden)[:, 0] > model.eos_threshold).tolist()
         std = torch.tensor([[math.sqrt(s.temp)] for s in streams])
         noise = torch.randn(n, flow_lm.latent_dim) * std if bool((std > 0).any()) else torch.zeros(n, flow_lm.latent_dim)
-        latents = flow_lm.sample(hidden, noise, model.sampler_decode_steps)
+        latents = flow_lm.sample(hidden, noise, self._time_conditions)
 
         for row, stream in enumerate(streams):
             if stream.eos_step is None and eos[row] and stream.step >= MIN_FRAMES_BEFORE_EOS:

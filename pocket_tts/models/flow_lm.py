@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocket_tts.config import FlowLMConfig
-from pocket_tts.models import onednn
+from pocket_tts.models.onednn import SharedLinear as Linear
 from pocket_tts.models.transformer import LayerState, Transformer
 
 VoiceState = dict[str, LayerState]
@@ -39,7 +39,7 @@ class TimeEmbedding(nn.Module):
         # exp(-ln(10000) k / half), stored in the checkpoint. Computing it here on the meta
         # device would import ~70 MB of torch's compiler stack into every worker.
         self.register_buffer("freqs", torch.empty(n_frequencies // 2))
-        self.mlp = nn.Sequential(nn.Linear(n_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim), VarianceNorm(dim))
+        self.mlp = nn.Sequential(Linear(n_frequencies, dim), nn.SiLU(), Linear(dim, dim), VarianceNorm(dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t * self.freqs
@@ -58,8 +58,8 @@ class FlowResBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.in_ln = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        self.mlp = nn.Sequential(Linear(dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 3 * dim))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
@@ -69,8 +69,8 @@ class FlowResBlock(nn.Module):
 class FlowFinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
@@ -83,17 +83,16 @@ class FlowHead(nn.Module):
     def __init__(self, latent_dim: int, dim: int, cond_dim: int, depth: int):
         super().__init__()
         self.time_embed = nn.ModuleList(TimeEmbedding(dim) for _ in range(2))
-        self.cond_embed = nn.Linear(cond_dim, dim)
-        self.input_proj = nn.Linear(latent_dim, dim)
+        self.cond_embed = Linear(cond_dim, dim)
+        self.input_proj = Linear(latent_dim, dim)
         self.res_blocks = nn.ModuleList(FlowResBlock(dim) for _ in range(depth))
         self.final_layer = FlowFinalLayer(dim, latent_dim)
 
-    def condition(self, c: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        time = (self.time_embed[0](s) + self.time_embed[1](t)) / 2
-        return time + self.cond_embed(c)
+    def time_condition(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.time_embed[0](s) + self.time_embed[1](t)) / 2
 
     def forward(self, c: torch.Tensor, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.velocity(self.condition(c, s, t), x)
+        return self.velocity(self.time_condition(s, t) + self.cond_embed(c), x)
 
     def velocity(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.input_proj(x)
@@ -131,7 +130,7 @@ class FlowLM(nn.Module):
         self.speaker_proj_weight = nn.Parameter(torch.zeros(d, latent_dim))
         self.input_linear = nn.Linear(latent_dim, d, bias=False)
         self.transformer = Transformer(
-            d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period), linear=onednn.SharedLinear
+            d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period), linear=Linear
         )
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
         self.out_eos = nn.Linear(d, 1)
@@ -173,13 +172,20 @@ class FlowLM(nn.Module):
     def eos_logit(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out_eos(hidden)
 
-    def sample(self, hidden: torch.Tensor, noise: torch.Tensor, steps: int = 1) -> torch.Tensor:
-        """Lagrangian self-distillation decode: `steps` jumps from x0 = noise along the flow."""
+    def time_conditions(self, steps: int) -> list[torch.Tensor]:
+        """Embeddings of the jumps i/steps -> (i+1)/steps: the same for every frame, so callers keep them."""
+        return [
+            self.flow_net.time_condition(torch.full((1, 1), i / steps), torch.full((1, 1), (i + 1) / steps))
+            for i in range(steps)
+        ]
+
+    def sample(self, hidden: torch.Tensor, noise: torch.Tensor, time_conditions: list[torch.Tensor]) -> torch.Tensor:
+        """Lagrangian self-distillation decode: len(time_conditions) jumps from x0 = noise along the flow."""
+        head, steps = self.flow_net, len(time_conditions)
+        cond = head.cond_embed(hidden)
         x = noise
-        for i in range(steps):
-            s = torch.full_like(x[..., :1], i / steps)
-            t = torch.full_like(x[..., :1], (i + 1) / steps)
-            x = x + self.flow_net(hidden, s, t, x) / steps
+        for time in time_conditions:
+            x = x + head.velocity(time + cond, x) / steps
         return x
 
     def to_mimi_space(self, latents: torch.Tensor) -> torch.Tensor:

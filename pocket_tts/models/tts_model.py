@@ -36,6 +36,7 @@ EXTRA_SECONDS = 2.0
 MIN_FRAMES_BEFORE_EOS = 6  # early EOS flags fire before speech starts for some voices
 FADE_IN_SECONDS = 0.005  # hides the step a fresh decoder state puts in its first samples
 MAX_PROMPT_SECONDS = 30.0
+STREAM_DECODE_FRAMES = 4  # latents per Mimi call after the first frame of a chunk
 
 VOICE_STATES_REPO = "hf://kyutai/pocket-tts-without-voice-cloning/languages/{language}/embeddings/{name}.safetensors@a7056f505a4a8ca72d8b5fb1440071d6f1a35739"
 # Kyutai's catalog of voices, available as precomputed voice states for every language.
@@ -275,14 +276,29 @@ class TTSModel(nn.Module):
     @torch.inference_mode()
     def _speak_chunk(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int, copy_state: bool,
                      temp: float) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Decode the chunk's latents as they come: the first frame at once (latency), then
+        STREAM_DECODE_FRAMES per Mimi call (fewer calls; any grouping gives the same audio)."""
         started = time.perf_counter()
         decoder_state = self.mimi.init_decoder_state(1)
-        fade = torch.linspace(0, 1, int(self.sample_rate * FADE_IN_SECONDS))
+        pending: list[torch.Tensor] = []
         n_samples = 0
-        for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp):
-            audio = self.mimi.decode(self.flow_lm.to_mimi_space(step.latent), decoder_state)[0, 0]
+
+        def decode() -> torch.Tensor:
+            audio = self.mimi.decode(self.flow_lm.to_mimi_space(torch.cat(pending, dim=1)), decoder_state)[0, 0]
+            pending.clear()
             if n_samples == 0:
+                fade = torch.linspace(0, 1, int(self.sample_rate * FADE_IN_SECONDS))
                 audio[: fade.numel()] *= fade[: audio.numel()]
+            return audio
+
+        for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp):
+            pending.append(step.latent)
+            if n_samples == 0 or len(pending) == STREAM_DECODE_FRAMES:
+                audio = decode()
+                n_samples += audio.numel()
+                yield audio
+        if pending:
+            audio = decode()
             n_samples += audio.numel()
             yield audio
         elapsed = time.perf_counter() - started
@@ -297,6 +313,7 @@ class TTSModel(nn.Module):
         flow_lm = self.flow_lm
         flow_lm.prompt(flow_lm.conditioner(torch.tensor([ids], dtype=torch.long)), state)
         latent = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
+        time_conditions = flow_lm.time_conditions(self.sampler_decode_steps)
         eos_step = None
         for step in range(max_frames):
             hidden = flow_lm.backbone(flow_lm.embed_latents(latent), state)[:, -1]
@@ -305,7 +322,7 @@ class TTSModel(nn.Module):
                 eos_step = step
             if eos_step is not None and step >= eos_step + frames_after_eos:
                 return
-            latent = flow_lm.sample(hidden, self._noise(temp), self.sampler_decode_steps)[:, None]
+            latent = flow_lm.sample(hidden, self._noise(temp), time_conditions)[:, None]
             yield LatentStep(latent, eos_logit, hidden)
         logger.warning("no end of speech detected within %d frames; the chunk was cut", max_frames)
 
