@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +32,8 @@ from pathlib import Path
 
 from celery import Celery, group
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tasks.local_stack import REPO_ROOT, Worker, client_app, memory_mib, redis_server, running_worker, worker_env
+
 VOICE_FILE = "voice_24k.wav"
 LONG_TEXT = " ".join(f"Sentence number {i} is here to keep the worker busy for a while." for i in range(14))
 
@@ -44,82 +43,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            if time.monotonic() > deadline:
-                stop_group(process)
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-
-
-class Worker:
-    def __init__(self, client: Celery, env: dict[str, str], log: Path, name: str, concurrency: int):
-        self.client, self.node = client, f"{name}@{socket.gethostname()}"
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork", "-c", str(concurrency),
-                 "-n", f"{name}@%h", "--loglevel=INFO", "--without-mingle", "--without-gossip"],  # fmt: skip
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 120
-        while not client.control.ping(destination=[self.node], timeout=0.5):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                stop_group(self.process)
-                raise RuntimeError(f"worker did not start, see {log}")
-
-    def child_pids(self) -> list[int]:
-        return self.client.control.inspect(destination=[self.node], timeout=5).stats()[self.node]["pool"]["processes"]
-
-    def child_running(self, task_id: str) -> int:
-        """The pid of the child running a job (events carry the main process's pid)."""
-        active = self.client.control.inspect(destination=[self.node], timeout=5).active()[self.node]
-        return next(request["worker_pid"] for request in active if request["id"] == task_id)
-
-    def wait_children_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        info = self.client.signature("pocket_tts.worker_info")
-        while True:
-            reports = group(info.clone() for _ in range(8)).apply_async().get(timeout=timeout)
-            ready = {r["pid"] for r in reports if r["ready"]}
-            if set(self.child_pids()) <= ready:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("worker children did not load the model")
-
-    def stop(self) -> None:
-        stop_group(self.process)
+def child_running(worker: Worker, client: Celery, task_id: str) -> int:
+    """The pid of the child running a job (events carry the main process's pid)."""
+    active = client.control.inspect(destination=[worker.node], timeout=5).active()[worker.node]
+    return next(request["worker_pid"] for request in active if request["id"] == task_id)
 
 
 class TaskEvents:
@@ -160,21 +87,18 @@ class TaskEvents:
             self._receiver.should_stop = True
 
 
-def worker_env(broker_url: str, storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKET_TTS_", "CELERY_"))}
-    env.update(
-        CELERY_BROKER_URL=broker_url,
-        POCKET_TTS_CONFIG=str(config),
-        POCKET_TTS_STORAGE_DIR=str(storage),
-        POCKET_TTS_VOICES_DIR=str(voices),
-        POCKET_TTS_DEFAULT_VOICE=VOICE_FILE,
-        POCKET_TTS_NUM_THREADS="1",
-        POCKET_TTS_MAX_TEXT_CHARS="2000",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    )
+def worker_settings(storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
+    settings = {
+        "POCKET_TTS_CONFIG": str(config),
+        "POCKET_TTS_STORAGE_DIR": str(storage),
+        "POCKET_TTS_VOICES_DIR": str(voices),
+        "POCKET_TTS_DEFAULT_VOICE": VOICE_FILE,
+        "POCKET_TTS_NUM_THREADS": "1",
+        "POCKET_TTS_MAX_TEXT_CHARS": "2000",
+    }
     if weights is not None:
-        env["POCKET_TTS_WEIGHTS"] = str(weights)
-    return env
+        settings["POCKET_TTS_WEIGHTS"] = str(weights)
+    return settings
 
 
 def measure_overhead(client: Celery, events: TaskEvents, jobs: int) -> dict:
@@ -203,43 +127,34 @@ def measure_overhead(client: Celery, events: TaskEvents, jobs: int) -> dict:
     }
 
 
-def memory_of(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":")
-        fields[name] = int(value.split()[0]) / 1024  # MiB
-    keys = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
-    return {key: round(fields[key], 1) for key in keys}
-
-
-def measure_memory(worker: Worker) -> dict:
+def measure_memory(worker: Worker, client: Celery) -> dict:
     # One job per child first: memory as it is between jobs, not just after loading.
     jobs = group(
-        worker.client.signature("pocket_tts.synthesize", args=("Warm the child.",), kwargs={"temperature": 0})
+        client.signature("pocket_tts.synthesize", args=("Warm the child.",), kwargs={"temperature": 0})
         for _ in range(4)
     )
     jobs.apply_async().get(timeout=300)
-    children = worker.child_pids()
+    children = worker.child_pids(client)
     return {
-        "parent": memory_of(worker.process.pid),
-        "children": {str(pid): memory_of(pid) for pid in children},
+        "parent": memory_mib(worker.pid),
+        "children": {str(pid): memory_mib(pid) for pid in children},
     }
 
 
-def measure_kill_redo(worker: Worker, events: TaskEvents, kills: int) -> dict:
+def measure_kill_redo(worker: Worker, client: Celery, events: TaskEvents, kills: int) -> dict:
     delays, totals = [], []
     for _ in range(kills):
         sent = time.time()
-        result = worker.client.send_task("pocket_tts.synthesize", args=(LONG_TEXT,), kwargs={"temperature": 0})
+        result = client.send_task("pocket_tts.synthesize", args=(LONG_TEXT,), kwargs={"temperature": 0})
         events.wait_for(events.started, result.id, 1, timeout=120)
         time.sleep(0.5)  # mid-job
-        os.kill(worker.child_running(result.id), signal.SIGKILL)
+        os.kill(child_running(worker, client, result.id), signal.SIGKILL)
         killed = time.time()
         second = events.wait_for(events.started, result.id, 2, timeout=120)[1]
         result.get(timeout=300)
         delays.append(second["timestamp"] - killed)
         totals.append(time.time() - sent)
-        worker.wait_children_ready()
+        worker.wait_children_ready(client, timeout=300)
     return {
         "redo_started_after_kill_s": [round(d, 3) for d in delays],
         "median_s": round(statistics.median(delays), 3),
@@ -255,48 +170,35 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="measure-service-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="measure-service-") as tmp, redis_server() as redis:
         tmp = Path(tmp)
         voices, storage = tmp / "voices", tmp / "audio"
         voices.mkdir()
         (voices / VOICE_FILE).write_bytes((args.parity_dir / VOICE_FILE).read_bytes())
-        redis, broker_url = start_redis(tmp)
-        client = Celery("measure", broker=broker_url, backend=broker_url)
-        client.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        broker_url = f"{redis.url}/0"
+        client = client_app(broker_url)
         events = TaskEvents(client)
         report = {"machine": f"{os.cpu_count()} CPUs, {sys.platform}, python {sys.version.split()[0]}"}
+        concurrency = ("-c", str(args.concurrency))
         try:
-            small = Worker(
-                client,
-                worker_env(broker_url, storage, voices, args.parity_dir / "config.yaml",
-                           args.parity_dir / "model.safetensors"),  # fmt: skip
-                tmp / "small.log",
-                "small",
-                args.concurrency,
+            small = worker_settings(
+                storage, voices, args.parity_dir / "config.yaml", args.parity_dir / "model.safetensors"
             )
-            try:
-                small.wait_children_ready()
+            with running_worker(client, worker_env(broker_url, small), tmp / "small.log", "small", *concurrency) as w:
+                w.wait_children_ready(client, timeout=300)
                 report["overhead"] = measure_overhead(client, events, args.jobs)
-            finally:
-                small.stop()
 
             from pocket_tts.random_checkpoint import write_random_checkpoint
 
             config = write_random_checkpoint(tmp / "full")
-            full = Worker(
-                client, worker_env(broker_url, storage, voices, config, None), tmp / "full.log", "full",
-                args.concurrency,
-            )  # fmt: skip
-            try:
-                full.wait_children_ready()
+            full = worker_settings(storage, voices, config, None)
+            with running_worker(client, worker_env(broker_url, full), tmp / "full.log", "full", *concurrency) as w:
+                w.wait_children_ready(client, timeout=300)
                 report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
-                report["memory_mib"] = measure_memory(full)
-                report["kill_redo"] = measure_kill_redo(full, events, args.kills)
-            finally:
-                full.stop()
+                report["memory_mib"] = measure_memory(w, client)
+                report["kill_redo"] = measure_kill_redo(w, client, events, args.kills)
         finally:
             events.stop()
-            stop_group(redis)
     print(json.dumps(report, indent=2))
 
 

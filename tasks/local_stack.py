@@ -1,0 +1,285 @@
+"""A private service stack on loopback for scripts and tests: a redis-server and `celery -A tasks worker` processes.
+
+    with redis_server() as redis:
+        app = client_app(redis.url + "/0")
+        env = worker_env(redis.url + "/0", {"POCKET_TTS_NUM_THREADS": "1"})
+        with running_worker(app, env, logs / "w1.log", "w1", "-c", "2") as worker:
+            worker.wait_children_ready(app)
+            ...
+
+Every process runs in its own process group, so that a worker's pool children
+go with it; it counts as started only once it answers (PING for Redis,
+`app.control.ping` for a worker) within a bound, and it is stopped with SIGTERM,
+then SIGKILL after a bound. The context managers stop what they started even
+when the caller fails. Torch-free: the workers load the model, never this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery, group
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REDIS_INSTALL_HINT = "Debian/Ubuntu: apt-get install redis-server"
+REDIS_START_TIMEOUT = 15.0
+WORKER_START_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+LOG_TAIL_CHARS = 3000
+
+
+class StackError(RuntimeError):
+    """A process of the stack is missing or did not start; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the process group led by `process`, SIGKILL it if `process` is still alive after `timeout` s."""
+    try:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        # Pool children of a leader that died may still be around.
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group (a worker's main process and its pool children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            if int(fields[2]) == pgid:  # fields after "pid (comm)": state, ppid, pgrp, ...
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """RSS, PSS and their shared/private split of a process, in MiB (/proc/<pid>/smaps_rollup)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":")
+        fields[name] = int(value.split()[0]) / 1024
+    keys = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+    return {key: round(fields[key], 1) for key in keys}
+
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise StackError(f"redis-server is not installed ({REDIS_INSTALL_HINT})")
+    return path
+
+
+@dataclass
+class RedisServer:
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def url(self) -> str:
+        """redis://127.0.0.1:<port>, without a database number."""
+        return f"redis://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def redis_server(timeout: float = REDIS_START_TIMEOUT) -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 and a free port, without persistence, in its own temporary folder."""
+    binary = redis_binary()
+    with tempfile.TemporaryDirectory(prefix="pocket-tts-redis-") as workdir:
+        process = None
+        try:
+            for _ in range(3):  # another process may take the free port before redis binds it
+                port = free_port()
+                no_persistence = ["--save", "", "--appendonly", "no"]
+                process = subprocess.Popen(
+                    [binary, "--bind", "127.0.0.1", "--port", str(port), *no_persistence, "--dir", workdir],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                if _wait_for_pong(process, port, timeout):
+                    break
+                stop_process_group(process)
+            else:
+                raise StackError(f"redis-server did not answer PING within {timeout:g} s")
+            yield RedisServer(process, port)
+        finally:
+            if process is not None:
+                stop_process_group(process, timeout=10)
+
+
+def _wait_for_pong(process: subprocess.Popen, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------
+
+
+def client_app(broker_url: str, result_backend: str | None = None) -> Celery:
+    """A web app's view of the service: plain Celery, JSON only, tasks sent by name."""
+    app = Celery("pocket-tts-client", broker=broker_url, backend=result_backend or broker_url)
+    app.conf.update(
+        accept_content=["json"], result_accept_content=["json"], task_serializer="json", result_serializer="json"
+    )
+    return app
+
+
+def worker_env(
+    broker_url: str, settings: Mapping[str, str], inherit_settings: bool = False, python_path: Sequence[Path] = ()
+) -> dict[str, str]:
+    """A worker's environment: this process's, the broker, `settings`, and this repository on PYTHONPATH.
+
+    This process's POCKET_TTS_* settings are dropped unless `inherit_settings`;
+    its CELERY_* settings always are (the stack has its own broker).
+    """
+    dropped = ("CELERY_",) if inherit_settings else ("CELERY_", "POCKET_TTS_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(dropped)}
+    paths = [str(REPO_ROOT), *map(str, python_path), os.environ.get("PYTHONPATH")]
+    env.update(CELERY_BROKER_URL=broker_url, PYTHONPATH=os.pathsep.join(filter(None, paths)))
+    return {**env, **settings}
+
+
+@dataclass
+class Worker:
+    """One `celery -A tasks worker` subprocess, leader of its own process group."""
+
+    process: subprocess.Popen
+    node: str  # Celery node name, <name>@<host>
+    log: Path
+    queue: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        return self.output()[-chars:]
+
+    def wait_ready(self, app: Celery, timeout: float = WORKER_START_TIMEOUT) -> None:
+        """Return once the worker answers a ping; raise StackError if it exits or the bound passes."""
+        deadline = time.monotonic() + timeout
+        while not app.control.ping(destination=[self.node], timeout=0.5):
+            if self.process.poll() is not None:
+                raise StackError(f"worker {self.node} exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"worker {self.node} did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def child_pids(self, app: Celery) -> list[int]:
+        """The processes that run jobs: the prefork pool's children, or the main process of a threads pool."""
+        stats = app.control.inspect(destination=[self.node], timeout=5).stats() or {}
+        if self.node not in stats:
+            raise StackError(f"worker {self.node} did not answer inspect stats")
+        return stats[self.node]["pool"].get("processes") or [self.pid]
+
+    def wait_children_ready(self, app: Celery, timeout: float = WORKER_START_TIMEOUT) -> dict[int, dict]:
+        """`pocket_tts.worker_info` of every process that runs jobs, once each has loaded its model."""
+        info = app.signature("pocket_tts.worker_info", options={"queue": self.queue})
+        deadline = time.monotonic() + timeout
+        seen: dict[int, dict] = {}
+        while True:
+            children = set(self.child_pids(app))
+            if children <= {pid for pid, report in seen.items() if report["ready"]}:
+                return {pid: seen[pid] for pid in children}
+            if time.monotonic() > deadline:
+                raise StackError(f"children {children} of {self.node} not ready; reports: {seen}\n{self.log_tail()}")
+            # A group, so that the pool hands them to several idle children at once.
+            for report in group(info.clone() for _ in range(4 * len(children))).apply_async().get(timeout=timeout):
+                seen[report["pid"]] = report
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process_group(self.process, timeout)
+
+
+def start_worker(
+    env: Mapping[str, str], log: Path, name: str, *args: str, queue: str = "celery", pool: str = "prefork"
+) -> Worker:
+    """Start a worker consuming `queue` without waiting for it; `args` go to `celery worker` last."""
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}", "-n", f"{name}@%h"]
+    command += ["-Q", queue, "--loglevel=INFO", "--without-mingle", "--without-gossip", *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Worker(process, f"{name}@{socket.gethostname()}", log, queue)
+
+
+@contextmanager
+def running_worker(
+    app: Celery,
+    env: Mapping[str, str],
+    log: Path,
+    name: str,
+    *args: str,
+    queue: str = "celery",
+    pool: str = "prefork",
+    timeout: float = WORKER_START_TIMEOUT,
+) -> Iterator[Worker]:
+    """A started worker that answers pings; stopped on exit."""
+    worker = start_worker(env, log, name, *args, queue=queue, pool=pool)
+    try:
+        worker.wait_ready(app, timeout)
+        yield worker
+    finally:
+        worker.stop()

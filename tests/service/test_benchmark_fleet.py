@@ -1,0 +1,89 @@
+"""scripts/run_local.py and scripts/benchmark_fleet.py end to end on the small parity checkpoint (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from service_helpers import REPO_ROOT, SAMPLE_RATE, require_redis_server
+
+pytestmark = pytest.mark.service
+
+SCRIPTS = REPO_ROOT / "scripts"
+RESULT_FIELDS = {
+    "mode", "processes", "threads", "precision", "jobs", "wall_s", "jobs_per_s", "audio_s", "audio_per_wall_s",
+    "latency_s", "cpu_utilisation", "other_processes_cpu", "process_memory", "valid_outputs", "problems",
+}  # fmt: skip
+
+
+def run_script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without service settings, plus `settings`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("POCKET_TTS_", "CELERY_"))}
+    return {**env, **settings}
+
+
+def test_run_local_prints_the_path_of_24khz_audio(parity_dir, tmp_path):
+    import soundfile as sf
+
+    require_redis_server()
+    env = clean_env(
+        POCKET_TTS_CONFIG=str(parity_dir / "config.yaml"),
+        POCKET_TTS_WEIGHTS=str(parity_dir / "model.safetensors"),
+        POCKET_TTS_VOICES_DIR=str(parity_dir),
+        POCKET_TTS_DEFAULT_VOICE="voice_state.safetensors",
+    )
+    run = run_script("run_local.py", "Hello from a local stack.", "--storage-dir", "audio", env=env, cwd=tmp_path)
+
+    assert run.returncode == 0, run.stderr
+    path = Path(run.stdout.strip())
+    assert path.is_file() and path.is_relative_to(tmp_path / "audio")
+    info = sf.info(str(path))
+    assert info.samplerate == SAMPLE_RATE and info.frames > 0
+
+
+def test_run_local_names_the_package_when_redis_is_missing(tmp_path):
+    run = run_script("run_local.py", "Hello.", env=clean_env(PATH=str(tmp_path)), cwd=tmp_path)
+
+    assert run.returncode == 1
+    assert run.stderr == "error: redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)\n"
+
+
+def test_benchmark_fleet_quick_json(parity_dir, tmp_path):
+    require_redis_server()
+    run = run_script(
+        "benchmark_fleet.py", "--quick", "--json", "--parity-dir", str(parity_dir), env=clean_env(), cwd=tmp_path
+    )
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert {"cpu", "usable_cpus"} <= report["machine"].keys()
+    assert (report["cores"], report["jobs"]) == (1, 4)
+    assert [(row["mode"], row["processes"], row["threads"]) for row in report["results"]] == [
+        ("prefork", 1, 1),
+        ("batching", 1, 1),
+    ]
+    for row in report["results"]:
+        assert RESULT_FIELDS <= row.keys()
+        assert row["valid_outputs"] == 4 and row["problems"] == []
+        assert row["audio_s"] > 0 and row["jobs_per_s"] > 0 and 0 < row["cpu_utilisation"]
+        assert {"p50", "p95"} == row["latency_s"].keys()
+        roles = [process["role"] for process in row["process_memory"]]
+        assert roles == (["main", "child"] if row["mode"] == "prefork" else ["main"])
+        assert all(process["pss_mib"] > 0 and process["rss_mib"] > 0 for process in row["process_memory"])
+    assert "[batching 1x1 float32]" in run.stderr  # progress
