@@ -29,6 +29,8 @@ THREADS_ENV = "POCKET_TTS_NUM_THREADS"
 # threshold every chunk runs to its maximum length, which the text length fixes.
 NEVER_EOS_THRESHOLD = 1e9
 WARMUP_TEXT = "Hello there."
+# A run during which other processes used more CPU than this (CPU s per wall s) is disturbed.
+DISTURBED_CPU_PER_WALL = 0.2
 
 
 class BenchError(RuntimeError):
@@ -62,7 +64,10 @@ def add_run_options(parser, default_threads: list[int]) -> None:
         "--iterations", type=positive_int, default=3, help="timed runs per text after one warm-up (default 3)"
     )
     parser.add_argument(
-        "--wait-idle", action="store_true", help="start each process only once the CPUs are idle (shared machines)"
+        "--wait-idle",
+        action="store_true",
+        help="for shared machines: start each process once the CPUs are idle, and redo runs during which "
+        f"other processes used more than {DISTURBED_CPU_PER_WALL} CPU s/s",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -72,9 +77,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _cpu_idle_and_total() -> tuple[int, int]:
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot; None where /proc/stat is missing."""
+    try:
+        first_line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    ticks = [int(value) for value in first_line.split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    per_second = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / per_second, sum(ticks) / per_second
 
 
 def wait_for_idle_cpus(min_idle: float = 0.9, window_s: float = 5.0, max_wait_s: float = 900.0) -> None:
@@ -83,14 +95,14 @@ def wait_for_idle_cpus(min_idle: float = 0.9, window_s: float = 5.0, max_wait_s:
     On a shared machine another process on "our" cores makes a multi-threaded run
     wait at every parallel op; starting each measurement on idle CPUs avoids most of it.
     """
-    if not Path("/proc/stat").is_file():
+    if machine_cpu_seconds() is None:
         return
     deadline = time.monotonic() + max_wait_s
     while True:
-        idle_before, total_before = _cpu_idle_and_total()
+        busy_before, total_before = machine_cpu_seconds()
         time.sleep(window_s)
-        idle_after, total_after = _cpu_idle_and_total()
-        idle = (idle_after - idle_before) / max(1, total_after - total_before)
+        busy_after, total_after = machine_cpu_seconds()
+        idle = 1 - (busy_after - busy_before) / max(1e-9, total_after - total_before)
         if idle >= min_idle:
             return
         if time.monotonic() > deadline:
@@ -231,8 +243,15 @@ def summarize(runs: list[dict]) -> dict:
         "wall_s_max": round(max(wall), 3),
         "rtf": round(audio / wall_median, 3),
         "cpu_per_wall": round(statistics.median(run["cpu_s"] / run["wall_s"] for run in runs), 2),
+        "others_cpu_per_wall": _others_per_wall(runs),
         "first_chunk_s": round(statistics.median(run["first_chunk_s"] for run in runs), 4),
     }
+
+
+def _others_per_wall(runs: list[dict]) -> float | None:
+    if any(run["others_cpu_s"] is None for run in runs):
+        return None
+    return round(statistics.median(run["others_cpu_s"] / run["wall_s"] for run in runs), 2)
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -247,6 +266,12 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def wall_cell(summary: dict) -> str:
     return f"{summary['wall_s_median']:.2f} ({summary['wall_s_min']:.2f}-{summary['wall_s_max']:.2f})"
+
+
+def cpu_cells(summary: dict) -> list[str]:
+    """This process's and other processes' CPU seconds per wall second."""
+    others = summary["others_cpu_per_wall"]
+    return [f"{summary['cpu_per_wall']:.2f}", "?" if others is None else f"{others:.2f}"]
 
 
 def run_and_report(args, measure, print_table) -> int:

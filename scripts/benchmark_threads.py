@@ -12,7 +12,8 @@ of several sentences that is split into chunks).
 
 RTF is audio seconds per wall second (higher is faster); first chunk is the time
 from the generation call to the first audio piece; CPU s/s is the process's CPU
-time per wall second (below the thread count: it waited for a core). With random weights the
+time per wall second (below the thread count: it waited for a core); others CPU
+s/s is what the rest of the machine used meanwhile (a shared machine's noise). With random weights the
 generation runs at temperature 0 with an unreachable EOS threshold, so the audio
 length depends on the text only (it is not speech).
 """
@@ -95,7 +96,8 @@ def measure(args, workdir: Path) -> dict:
         bench.log(f"{threads} thread(s): fresh process ...")
         spec = {"engine": "ours", "label": "ours", "threads": threads, "load": load, "voice": voice,
                 "warmup_text": bench.WARMUP_TEXT, "texts": texts, "iterations": args.iterations,
-                "max_tokens": 50, "cpus": None}  # fmt: skip
+                "max_tokens": 50, "cpus": None,
+                "redo_disturbed": args.wait_idle}  # fmt: skip
         runs = bench.run_worker(spec, cwd=workdir, wait_idle=args.wait_idle)["runs"]
         for name, _ in texts:
             summary = bench.summarize([run for run in runs if run["text"] == name])
@@ -106,10 +108,11 @@ def measure(args, workdir: Path) -> dict:
 def print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; model: {report['model']}")
-    headers = ["threads", "text", "audio s", "generation s median (min-max)", "RTF", "first chunk s", "CPU s/s"]
+    headers = ["threads", "text", "audio s", "generation s median (min-max)", "RTF", "first chunk s", "CPU s/s",
+               "others CPU s/s"]  # fmt: skip
     rows = [
         [row["threads"], row["text"], f"{row['audio_s']:.2f}", bench.wall_cell(row), f"{row['rtf']:.2f}",
-         f"{row['first_chunk_s']:.3f}", f"{row['cpu_per_wall']:.2f}"]
+         f"{row['first_chunk_s']:.3f}", *bench.cpu_cells(row)]
         for row in report["results"]
     ]  # fmt: skip
     print(bench.format_table(headers, rows))
