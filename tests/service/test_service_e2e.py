@@ -35,6 +35,16 @@ def run_job(client_app, text, **kwargs):
     return result
 
 
+def run_until_exit(env, logs_dir: Path, name: str, *args: str) -> tuple[int, str]:
+    """Start a worker that is expected to refuse to start; its exit code and log."""
+    process = start_worker(env, logs_dir, name, *args)
+    try:
+        returncode = process.wait(timeout=60)
+    finally:
+        stop_process_group(process)
+    return returncode, (logs_dir / f"{name}.log").read_text()
+
+
 def job_starts(service_files, task_id: str) -> list[tuple[int, float]]:
     """(pid, time) of each start of a SLOW job, as recorded by service_test_hooks."""
     starts = service_files.hooks / f"{task_id}.starts"
@@ -166,12 +176,7 @@ def test_oversubscribed_worker_refuses_to_start(worker_env, tmp_path):
     from worker_config import usable_cpus
 
     cpus = usable_cpus().count
-    process = start_worker(worker_env, tmp_path, "oversubscribed", "-c", str(cpus + 1))
-    try:
-        returncode = process.wait(timeout=60)
-    finally:
-        stop_process_group(process)
-    output = (tmp_path / "oversubscribed.log").read_text()
+    returncode, output = run_until_exit(worker_env, tmp_path, "oversubscribed", "-c", str(cpus + 1))
 
     assert returncode == 78, output
     assert (
@@ -274,11 +279,6 @@ def test_batching_worker_generates_concurrent_jobs_together(launch_worker, clien
 
 
 def test_batching_needs_the_threads_pool(worker_env, tmp_path):
-    process = start_worker({**worker_env, "POCKET_TTS_MAX_BATCH": "4"}, tmp_path, "batch-prefork", "-c", "1")
-    try:
-        returncode = process.wait(timeout=60)
-    finally:
-        stop_process_group(process)
-    output = (tmp_path / "batch-prefork.log").read_text()
+    returncode, output = run_until_exit({**worker_env, "POCKET_TTS_MAX_BATCH": "4"}, tmp_path, "batch-prefork", "-c", "1")
     assert returncode == 78, output
     assert "start the worker with --pool=threads" in output
