@@ -16,7 +16,7 @@ pytestmark = pytest.mark.service
 SCRIPTS = REPO_ROOT / "scripts"
 RESULT_FIELDS = {
     "mode", "processes", "threads", "precision", "jobs", "wall_s", "jobs_per_s", "audio_s", "audio_per_wall_s",
-    "latency_s", "cpu_utilisation", "other_processes_cpu", "process_memory", "valid_outputs", "problems",
+    "latency_s", "cpu_utilisation", "others_cpu_per_wall", "process_memory", "valid_outputs", "problems",
 }  # fmt: skip
 
 
