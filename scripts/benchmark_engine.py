@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     bench.add_run_options(parser, default_threads=[1, 2])
     parser.add_argument("--kyutai-python", help="interpreter that has Kyutai's pocket-tts; adds its runs")
     parser.add_argument("--kyutai-int8", action="store_true", help="also run Kyutai's int8 (quantize=True) model")
+    parser.add_argument("--ours-int8", action="store_true", help="also run our engine with precision='int8'")
     parser.add_argument(
         "--pin-cores",
         action="store_true",
@@ -54,10 +55,13 @@ def parse_args() -> argparse.Namespace:
 def engines(args, config: Path, weights: Path, workdir: Path) -> list[dict]:
     """(label, interpreter, load_model arguments) of every engine to run."""
     fixed_length = {"temp": 0.0, "eos_threshold": bench.NEVER_EOS_THRESHOLD}
-    result = [
-        {"engine": "ours", "label": "ours", "python": sys.executable,
-         "load": {"config": str(config), "weights": str(weights), **fixed_length}},
-    ]  # fmt: skip
+    ours_load = {"config": str(config), "weights": str(weights), **fixed_length}
+    # Explicit precision: POCKET_TTS_PRECISION in the environment must not change the float32 row.
+    result = [{"engine": "ours", "label": "ours float32", "python": sys.executable,
+               "load": {**ours_load, "precision": "float32"}}]  # fmt: skip
+    if args.ours_int8:
+        result.append({"engine": "ours", "label": "ours int8", "python": sys.executable,
+                       "load": {**ours_load, "precision": "int8"}})  # fmt: skip
     if args.kyutai_python:
         kyutai_load = {"config": str(bench.kyutai_config(config, weights, workdir)), **fixed_length}
         result.append(
@@ -101,11 +105,13 @@ def measure(args, workdir: Path) -> dict:
 
 
 def add_ratios(results: list[dict]) -> None:
-    """On each Kyutai row: our xRT / its xRT (>1: ours faster) and our first chunk / its (<1: ours faster)."""
-    ours = {row["threads"]: row for row in results if row["engine"] == "ours"}
+    """On each Kyutai row, ours over Kyutai at the same precision (our float32 where ours did not
+    run in it): xRT ratio (>1: ours faster) and first-chunk ratio (<1: ours faster)."""
+    ours = {(row["threads"], row["engine"]): row for row in results if row["engine"].startswith("ours")}
     for row in results:
-        if row["engine"] != "ours":
-            mine = ours[row["threads"]]
+        if row["engine"].startswith("kyutai"):
+            precision = row["engine"].split()[1]
+            mine = ours.get((row["threads"], f"ours {precision}")) or ours[(row["threads"], "ours float32")]
             row["xrt_ours_over_this"] = round(mine["rtf"] / row["rtf"], 2)
             row["first_chunk_ours_over_this"] = round(mine["first_chunk_s"] / row["first_chunk_s"], 2)
 

@@ -44,11 +44,11 @@ def test_benchmark_engine_json_on_a_given_checkpoint(parity_dir, tmp_path):
     report = json.loads(result.stdout)
     assert report["checkpoint"] == str(parity_dir.resolve() / "config.yaml")
     assert {"cpu", "cpus"} <= report["machine"].keys()
-    assert [(row["engine"], row["threads"]) for row in report["results"]] == [("ours", 1)]
+    assert [(row["engine"], row["threads"]) for row in report["results"]] == [("ours float32", 1)]
     for row in report["results"]:
         assert SUMMARY_FIELDS <= row.keys()
         assert row["audio_s"] > 0 and row["rtf"] > 0 and row["first_chunk_s"] > 0
-    assert "[ours, 1 thread(s)] utterance 1/1" in result.stderr  # progress
+    assert "[ours float32, 1 thread(s)] utterance 1/1" in result.stderr  # progress
 
 
 @pytest.mark.skipif(not KYUTAI_PYTHON.is_file(), reason="Kyutai's reference package is not installed here")
@@ -61,7 +61,7 @@ def test_benchmark_engine_side_by_side_with_kyutai(parity_dir, tmp_path):
     lines = result.stdout.splitlines()
     assert "xRT ours/this" in lines[1] and "first chunk ours/this" in lines[1]
     engines = [line.split("|")[2].strip() for line in lines[3:]]
-    assert engines == ["ours", "kyutai float32"]
+    assert engines == ["ours float32", "kyutai float32"]
     # Same checkpoint, same text, fixed length: both engines produce the same audio length.
     assert len({line.split("|")[3] for line in lines[3:]}) == 1
 
