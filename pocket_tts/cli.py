@@ -11,6 +11,7 @@ usage (arguments, text, output name) or 1 for a failure while running.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -217,6 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"generation time:     {generation_seconds:.2f} s")
     print(f"real-time factor:    {audio_seconds / generation_seconds:.2f}x (audio s / wall s)")
     print(f"first-chunk latency: {first_chunk_seconds:.3f} s")
+    print(f"torch threads:       {torch.get_num_threads()}")
 
 
 # ---------------------------------------------------------------------------
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The engine's warnings (e.g. a chunk cut at its length limit) as labelled lines on stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

@@ -71,7 +71,7 @@ def test_generate_other_formats_and_options(tmp_path, parity_dir, small_model, a
     result = run_cli(
         "generate", *text_args, *small_model, "--voice", str(parity_dir / "voice_24k.wav"),
         "--output", str(output), "--threads", "2", "--temperature", "0", "--max-tokens", "20",
-        "--frames-after-eos", "1", "--eos-threshold", "0",
+        "--frames-after-eos", "1", "--eos-threshold", "-10",
         stdin=text if text_source == "stdin" else "",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -79,6 +79,7 @@ def test_generate_other_formats_and_options(tmp_path, parity_dir, small_model, a
     assert info.samplerate == 24000
     assert info.format == audio_format.upper()
     assert info.frames > 0
+    assert "torch threads:       2" in result.stdout
 
 
 def test_export_voice_writes_a_loadable_voice_state(tmp_path, parity_dir, small_model):
