@@ -348,8 +348,13 @@ class TTSModel(nn.Module):
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One short generation from a silent prompt, so the first real job does not pay for lazy init."""
-        state = self._state_from_waveform(torch.zeros(1, self.mimi.frame_size * 2))
+        """One short generation, so the first real job does not pay for lazy initialisation.
+
+        The voice is a neutral one-position state rather than an encoded prompt: the Mimi
+        encoder (and its packed weights) then stays cold in workers that never clone voices.
+        """
+        state = self.flow_lm.init_state(1, 1)
+        self.flow_lm.prompt(torch.zeros(1, 1, self.flow_lm.dim), state)
         for _ in zip(range(2), self.generate_audio_stream(state, "Hi.", temp=0.0)):
             pass
 
