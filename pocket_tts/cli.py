@@ -88,6 +88,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--config", help="a model config .yaml (local path or hf://...)")
     parser.add_argument("--weights", help="model .safetensors to use instead of the config's weights")
     parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "int8"),
+        help="backbone weight format (default: POCKET_TTS_PRECISION, else float32)",
+    )
+    parser.add_argument(
         "--threads",
         type=_positive_int,
         help=f"torch intra-op threads for this process (sets {THREADS_ENV}; default 1)",
@@ -126,7 +131,9 @@ def _load_model(args: argparse.Namespace, **settings):
         os.environ[THREADS_ENV] = str(args.threads)
     from pocket_tts.models.tts_model import TTSModel
 
-    return TTSModel.load_model(language=args.language, config=args.config, weights=args.weights, **settings)
+    return TTSModel.load_model(
+        language=args.language, config=args.config, weights=args.weights, precision=args.precision, **settings
+    )
 
 
 def _read_text(args: argparse.Namespace) -> str:
