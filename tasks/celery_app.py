@@ -9,6 +9,7 @@ The model is loaded in each child by `load_model_in_child`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -98,6 +99,11 @@ def prepare_worker_parent(sender, instance, **_):
     # Imported, never run: its library pages are then shared copy-on-write by all children
     # (measured ~100 MB less PSS per child than importing it in each child).
     import torch  # noqa: F401
+
+    # Objects that exist now are never collected: the children's garbage collector then does not
+    # touch (and copy) the pages of the parent's objects. Measured: ~40 MB less private memory per child.
+    gc.collect()
+    gc.freeze()
 
 
 def _refuse_to_start(reason: str):
