@@ -274,16 +274,19 @@ def cpu_cells(summary: dict) -> list[str]:
     return [f"{summary['cpu_per_wall']:.2f}", "?" if others is None else f"{others:.2f}"]
 
 
-def run_and_report(args, measure, print_table) -> int:
-    """Measure in a scratch directory, then print the report as a table or (--json) as JSON."""
+def run_and_report(args, measure, print_table, errors: tuple = (BenchError, OSError, ValueError)) -> dict | None:
+    """Measure in a scratch directory, then print the report as a table or (--json) as JSON.
+
+    Returns the report, or None after printing one `error:` line for any of `errors`.
+    """
     with tempfile.TemporaryDirectory(prefix="pocket-tts-bench-") as workdir:
         try:
             report = measure(args, Path(workdir))
-        except (BenchError, OSError, ValueError) as exc:
+        except errors as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return None
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
-    return 0
+    return report

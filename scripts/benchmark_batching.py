@@ -42,7 +42,7 @@ def main() -> None:
         print(f"writing a random full-size checkpoint to {folder}", file=sys.stderr)
         config = write_random_checkpoint(folder)
 
-    print(f"| precision | batch | audio s | wall s | xRT (audio s / wall s) |\n| --- | --- | --- | --- | --- |")
+    print("| precision | batch | audio s | wall s | xRT (audio s / wall s) |\n| --- | --- | --- | --- | --- |")
     for precision in args.precision.split(","):
         model = TTSModel.load_model(config=config, eos_threshold=1e9, precision=precision)
         voice = model.get_state_for_audio_prompt(torch.zeros(1, 2 * model.sample_rate))

@@ -134,7 +134,7 @@ def print_table(report: dict) -> None:
 
 
 def main() -> int:
-    return bench.run_and_report(parse_args(), measure, print_table)
+    return 0 if bench.run_and_report(parse_args(), measure, print_table) is not None else 1
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ job runs to the longest audio its text allows, the same in every split.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -377,17 +375,9 @@ def print_table(report: dict) -> None:
 
 
 def main() -> int:
-    args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="pocket-tts-fleet-") as workdir:
-        try:
-            report = measure(args, Path(workdir))
-        except (StackError, OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    report = bench.run_and_report(parse_args(), measure, print_table, errors=(StackError, OSError, ValueError))
+    if report is None:
+        return 1
     problems = [line for row in report["results"] for line in row["problems"]]
     for line in problems:
         print(f"invalid output: {line}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pocket_tts.batching import BatchedSynthesizer
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pocket_tts import audio as audio_io
-from pocket_tts.config import CONFIGS_DIR, DEFAULT_LANGUAGE, ModelConfig, config_path_for_language, load_config
+from pocket_tts.config import DEFAULT_LANGUAGE, ModelConfig, config_path_for_language, load_config
 from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
 from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
