@@ -9,8 +9,11 @@ subprocesses, and stops them all before exiting. Three measurements:
    small parity checkpoint: client-side latency (send_task .. result.get) minus the in-task run time
    the worker reports in its task-succeeded event. The no-op `pocket_tts.worker_info` round trip is
    reported too, as Celery's own floor.
-2. PSS (proportional set size, /proc/<pid>/smaps_rollup) of the worker's main process and of each
-   child with a full-size random-weight checkpoint in the official layout, after each child ran a job.
+2. Memory of a prefork worker on a full-size random-weight checkpoint in the official layout, with
+   1, 2, ... --max-children children, after each child ran jobs: PSS (proportional set size,
+   /proc/<pid>/smaps_rollup) of the main process and of each child, the total, and what each added
+   child adds. Once with an exported voice state as the voice, once with a .wav prompt (which also
+   runs the Mimi encoder in the children).
 3. How long a job whose child is SIGKILLed mid-job takes to start again (task-started events),
    --kills times, on the full-size checkpoint.
 
@@ -35,6 +38,7 @@ from celery import Celery, group
 from tasks.local_stack import REPO_ROOT, Worker, client_app, memory_mib, redis_server, running_worker, worker_env
 
 VOICE_FILE = "voice_24k.wav"
+VOICE_STATE_FILE = "voice_24k.safetensors"
 LONG_TEXT = " ".join(f"Sentence number {i} is here to keep the worker busy for a while." for i in range(14))
 
 
@@ -84,7 +88,19 @@ class TaskEvents:
 
     def stop(self) -> None:
         if self._receiver is not None:
-            self._receiver.should_stop = True
+            self._receiver.should_stop = True  # seen within a second: the receiver polls once per second
+        self._thread.join(timeout=5)  # before Redis goes away under it
+
+
+def write_full_size_checkpoint(folder: Path, voices: Path) -> Path:
+    """A full-size random checkpoint, and the voice prompt's state exported for it into `voices`."""
+    from pocket_tts.models.tts_model import TTSModel, export_model_state
+    from pocket_tts.random_checkpoint import write_random_checkpoint
+
+    config = write_random_checkpoint(folder)
+    model = TTSModel.load_model(config=config)
+    export_model_state(model.get_state_for_audio_prompt(str(voices / VOICE_FILE)), voices / VOICE_STATE_FILE)
+    return config
 
 
 def worker_settings(storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
@@ -127,18 +143,45 @@ def measure_overhead(client: Celery, events: TaskEvents, jobs: int) -> dict:
     }
 
 
-def measure_memory(worker: Worker, client: Celery) -> dict:
-    # One job per child first: memory as it is between jobs, not just after loading.
-    jobs = group(
-        client.signature("pocket_tts.synthesize", args=("Warm the child.",), kwargs={"temperature": 0})
-        for _ in range(4)
-    )
-    jobs.apply_async().get(timeout=300)
-    children = worker.child_pids(client)
-    return {
-        "parent": memory_mib(worker.pid),
-        "children": {str(pid): memory_mib(pid) for pid in children},
-    }
+def measure_memory(client: Celery, broker_url: str, settings: dict[str, str], tmp: Path, max_children: int) -> dict:
+    """Total PSS of a prefork worker per number of children, and the step per added child."""
+    rows = []
+    for children in range(1, max_children + 1):
+        # Memory is what this measures: more children than cores are fine (they run one short job each).
+        env = worker_env(broker_url, {**settings, "POCKET_TTS_ALLOW_OVERSUBSCRIBE": "1"})
+        with running_worker(client, env, tmp / f"memory-{children}.log", f"memory{children}", "-c", str(children)) as w:
+            w.wait_children_ready(client, timeout=300)
+            # Jobs on every child first: memory as it is between jobs, not just after loading.
+            jobs = group(
+                client.signature("pocket_tts.synthesize", args=("Warm the child up.",), kwargs={"temperature": 0})
+                for _ in range(3 * children)
+            )
+            jobs.apply_async().get(timeout=300)
+            pids = w.child_pids(client)
+            parent, per_child = memory_mib(w.pid), [memory_mib(pid) for pid in pids]
+        total = parent["Pss"] + sum(child["Pss"] for child in per_child)
+        rows.append(
+            {
+                "children": children,
+                "total_pss": round(total, 1),
+                "added_by_last_child": round(total - rows[-1]["total_pss"], 1) if rows else None,
+                "parent": parent,
+                "children_mib": per_child,
+            }
+        )
+    return {"voice": settings["POCKET_TTS_DEFAULT_VOICE"], "rows": rows}
+
+
+def print_memory_table(memory: dict) -> None:
+    print(f"PSS of a prefork worker, voice {memory['voice']} (MiB):", file=sys.stderr)
+    print("children | total | added by the last child | parent | private per child", file=sys.stderr)
+    for row in memory["rows"]:
+        private = ", ".join(f"{c['Private_Clean'] + c['Private_Dirty']:.0f}" for c in row["children_mib"])
+        added = "" if row["added_by_last_child"] is None else f"+{row['added_by_last_child']:.0f}"
+        print(
+            f"{row['children']} | {row['total_pss']:.0f} | {added} | {row['parent']['Pss']:.0f} | {private}",
+            file=sys.stderr,
+        )
 
 
 def measure_kill_redo(worker: Worker, client: Celery, events: TaskEvents, kills: int) -> dict:
@@ -168,6 +211,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--max-children", type=int, default=3, help="memory: children from 1 to this")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="measure-service-") as tmp, redis_server() as redis:
@@ -188,14 +232,16 @@ def main() -> None:
                 w.wait_children_ready(client, timeout=300)
                 report["overhead"] = measure_overhead(client, events, args.jobs)
 
-            from pocket_tts.random_checkpoint import write_random_checkpoint
-
-            config = write_random_checkpoint(tmp / "full")
+            config = write_full_size_checkpoint(tmp / "full", voices)
             full = worker_settings(storage, voices, config, None)
+            report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
+            report["memory"] = []
+            for voice in (VOICE_STATE_FILE, VOICE_FILE):
+                settings = {**full, "POCKET_TTS_DEFAULT_VOICE": voice}
+                report["memory"].append(measure_memory(client, broker_url, settings, tmp, args.max_children))
+                print_memory_table(report["memory"][-1])
             with running_worker(client, worker_env(broker_url, full), tmp / "full.log", "full", *concurrency) as w:
                 w.wait_children_ready(client, timeout=300)
-                report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
-                report["memory_mib"] = measure_memory(w, client)
                 report["kill_redo"] = measure_kill_redo(w, client, events, args.kills)
         finally:
             events.stop()

@@ -1,7 +1,9 @@
-"""The model of one worker process, loaded once per prefork child, and its cached voice states.
+"""The model of a worker and its cached voice states.
 
-torch is imported only inside these functions: the parent process and web
-processes import this module without touching torch.
+A prefork worker loads it once in its main process, before forking, so the
+children share it copy-on-write; a threads-pool worker loads it in its only
+process. torch is imported only inside these functions: web processes import
+this module without touching torch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from tasks.errors import InvalidJobError
-from tasks.validation import Job
+from tasks.validation import Job, resolve_voice
 from worker_config import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,13 +41,23 @@ class Engine:
             self._batcher = BatchedSynthesizer(model, max_batch=max_batch)
 
     @classmethod
-    def load(cls, settings: Settings) -> Engine:
-        configure_torch_threads(settings.num_threads)
-        from pocket_tts.models.tts_model import TTSModel
+    def load(cls, settings: Settings, num_threads: int) -> Engine:
+        from pocket_tts.models.tts_model import TTSModel  # applies POCKET_TTS_NUM_THREADS on first import
 
+        configure_torch_threads(num_threads)
         model = TTSModel.load_model(language=settings.language, config=settings.config, weights=settings.weights)
         model.warmup()
-        return cls(model, describe_model(settings), settings.voice_cache_size, settings.max_batch)
+        engine = cls(model, describe_model(settings), settings.voice_cache_size, settings.max_batch)
+        engine.preload_voice(settings)
+        return engine
+
+    def preload_voice(self, settings: Settings) -> None:
+        """Cache the default voice's state: loaded before forking, the children share it (and, for an
+        audio prompt, the Mimi encoder's packed weights). A voice that fails is reported by its jobs."""
+        try:
+            self.voice_state(resolve_voice(settings.default_voice, settings.voices_dir))
+        except Exception as exc:  # best effort: never stops the model from loading
+            logger.warning("pocket-tts: default voice %r not preloaded: %s", settings.default_voice, exc)
 
     @property
     def sample_rate(self) -> int:
@@ -95,13 +107,17 @@ def return_freed_heap() -> None:
 
 
 def configure_torch_threads(num_threads: int) -> None:
-    """Intra-op threads = the budget per child; one inter-op thread (nothing here runs ops in parallel)."""
+    """Intra-op threads = the budget per process; one inter-op thread (nothing here runs ops in parallel).
+
+    Safe to call again, e.g. in a child whose parent already set one inter-op thread.
+    """
     import torch
 
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # only possible where torch already ran parallel work, e.g. an in-process test worker
-        logger.warning("inter-op threads already fixed at %d", torch.get_num_interop_threads())
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only possible where torch already ran parallel work, e.g. an in-process test worker
+            logger.warning("inter-op threads already fixed at %d", torch.get_num_interop_threads())
     torch.set_num_threads(num_threads)
 
 
@@ -111,11 +127,12 @@ def describe_model(settings: Settings) -> str:
     return f"language={settings.language or 'english'}" + (f" weights={settings.weights}" if settings.weights else "")
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: Settings, num_threads: int | None = None) -> Engine:
+    """The process's engine, loaded on first call with `num_threads` (default: the budget per process)."""
     global _engine
     with _load_lock:
         if _engine is None:
-            _engine = Engine.load(settings)
+            _engine = Engine.load(settings, settings.num_threads if num_threads is None else num_threads)
             logger.info("pocket-tts model ready in process %d: %s", os.getpid(), _engine.description)
         return _engine
 

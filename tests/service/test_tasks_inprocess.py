@@ -96,3 +96,19 @@ def test_unwritable_storage_fails_the_job_clearly(celery_session_worker, inproce
     assert result.state == "FAILURE" and type(result.result).__name__ == "StorageError"
     assert f"cannot write audio in {blocked}" in str(result.result)
     assert stored_files(inprocess_settings, task_id) == []
+
+
+def test_the_default_voice_is_cached_when_the_model_loads(inprocess_settings, caplog):
+    from dataclasses import replace
+
+    from tasks.engine import Engine
+    from tasks.validation import resolve_voice
+
+    engine = Engine.load(inprocess_settings, num_threads=1)
+    engine.model.get_state_for_audio_prompt = lambda voice: pytest.fail(f"{voice} loaded again")
+    assert engine.voice_state(resolve_voice(inprocess_settings.default_voice, inprocess_settings.voices_dir))
+
+    # A default voice that cannot be loaded is only reported: its jobs fail clearly, the others run.
+    with caplog.at_level("WARNING"):
+        engine = Engine.load(replace(inprocess_settings, default_voice="missing.wav"), num_threads=1)
+    assert "default voice 'missing.wav' not preloaded: unknown voice" in caplog.text

@@ -162,7 +162,15 @@ def test_oversubscription_opt_in_starts_with_a_warning():
     assert "starting oversubscribed because POCKET_TTS_ALLOW_OVERSUBSCRIBE=1" in check_thread_budget(budget, True)
 
 
-def test_worker_parent_refuses_oversubscription_and_otherwise_logs_its_budget(monkeypatch, caplog):
+@pytest.fixture
+def model_loads(monkeypatch):
+    """The thread counts the worker parent loads the model with (recorded, not loaded)."""
+    loads = []
+    monkeypatch.setattr(celery_app, "load_engine", lambda settings, num_threads=None: loads.append(num_threads))
+    return loads
+
+
+def test_worker_parent_refuses_oversubscription_and_otherwise_logs_its_budget(monkeypatch, caplog, model_loads):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "8")  # restored after the test
     monkeypatch.setattr(celery_app, "current_settings", lambda: settings_from(UsableCpus(2, 2, None)))
@@ -175,9 +183,11 @@ def test_worker_parent_refuses_oversubscription_and_otherwise_logs_its_budget(mo
         celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=2, pool_cls=PreforkPool))
     assert "thread budget: concurrency 2 x 1 torch thread(s) per child = 2 threads on 2 usable CPUs" in caplog.text
     assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    # Loaded once, before forking, on one thread (never after a refusal).
+    assert model_loads == [1]
 
 
-def test_worker_parent_allows_oversubscription_when_asked(monkeypatch, caplog):
+def test_worker_parent_allows_oversubscription_when_asked(monkeypatch, caplog, model_loads):
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
     settings = settings_from(UsableCpus(2, 2, None), POCKET_TTS_ALLOW_OVERSUBSCRIBE="true")
