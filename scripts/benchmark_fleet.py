@@ -64,9 +64,6 @@ MEDIUM_TEXTS = [
 SHORT_TEXTS = ["Hello there.", "Good morning.", "See you soon.", "Thank you."]
 WARMUP_TEXT = "Warm up."
 JOB_TIMEOUT = 1800
-# Generous limits: a batched job shares each forward pass with up to --batch others, and this
-# benchmark measures throughput, not the production limits (see docs/deployment.md).
-TIME_LIMIT_BASE = "600"
 MAX_REDOS = 2  # with --wait-idle: measurements repeated while other processes disturbed them
 
 
@@ -171,8 +168,7 @@ class Fleet:
         # The client (this process) and our Redis are part of the queue, not "other processes".
         self.queue_pids = [os.getpid(), *([redis_pid] if redis_pid else [])]
         self.app = client_app(broker_url, result_backend)
-        common = {"POCKET_TTS_TIME_LIMIT_BASE": TIME_LIMIT_BASE, "CELERY_RESULT_BACKEND": result_backend}
-        self.env = worker_env(broker_url, {**settings, **common})
+        self.env = worker_env(broker_url, {**settings, "CELERY_RESULT_BACKEND": result_backend})
         self.workdir = workdir
         self.texts = SHORT_TEXTS if args.quick else MEDIUM_TEXTS
 

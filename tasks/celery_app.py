@@ -53,7 +53,7 @@ def celery_config(settings: Settings) -> dict:
             settings.max_memory_per_child_mb * 1024 if settings.max_memory_per_child_mb else None
         ),
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
-        # A child reports "up" only after loading and warming up the model (Celery's default is 4 s).
+        # A child whose parent failed to load the model loads it before reporting "up" (Celery allows 4 s).
         "worker_proc_alive_timeout": settings.child_start_timeout,
         # Task events for Flower.
         "worker_send_task_events": True,

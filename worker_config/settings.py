@@ -46,7 +46,7 @@ class Settings:
     default_voice: str
     max_text_chars: int
     time_limit_base: float
-    time_limit_per_char: float
+    time_limit_per_char: float  # POCKET_TTS_TIME_LIMIT_PER_CHAR x max_batch (rows sharing the process)
     time_limit_grace: float
     visibility_timeout: int
     result_expires: int
@@ -143,8 +143,11 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     voices_dir = env.text("POCKET_TTS_VOICES_DIR")
 
     max_text_chars = env.integer("POCKET_TTS_MAX_TEXT_CHARS", 1000)
+    max_batch = env.integer("POCKET_TTS_MAX_BATCH", 1)
     time_limit_base = env.seconds("POCKET_TTS_TIME_LIMIT_BASE", 30.0, minimum=1)
-    time_limit_per_char = env.seconds("POCKET_TTS_TIME_LIMIT_PER_CHAR", 0.1)
+    # The per-character limit is for a job running alone; in batching mode up to max_batch
+    # jobs share one process's CPU, so each one may take up to max_batch times longer.
+    time_limit_per_char = env.seconds("POCKET_TTS_TIME_LIMIT_PER_CHAR", 0.1) * max_batch
     time_limit_grace = env.seconds("POCKET_TTS_TIME_LIMIT_GRACE", 30.0, minimum=1)
     longest_hard_limit = time_limit_base + time_limit_per_char * max_text_chars + time_limit_grace
     # A job still running when the visibility timeout expires is handed to a second worker.
@@ -156,7 +159,6 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
             f"time limit ({longest_hard_limit:g} s for {max_text_chars} characters): use >= {needed_visibility}"
         )
 
-    max_batch = env.integer("POCKET_TTS_MAX_BATCH", 1)
     # Batching: enough pool threads to keep every row of the batch fed.
     concurrency = env.integer(CONCURRENCY_ENV, None) or (
         max_batch if max_batch > 1 else default_concurrency(cpus, num_threads)

@@ -83,6 +83,14 @@ def test_time_limits_scale_with_the_text_and_the_visibility_timeout_covers_twice
     assert settings.visibility_timeout == 4030
 
 
+def test_batching_scales_the_per_character_limit_with_the_rows_sharing_the_process():
+    limits = dict(POCKET_TTS_TIME_LIMIT_BASE=10, POCKET_TTS_TIME_LIMIT_PER_CHAR=0.5, POCKET_TTS_TIME_LIMIT_GRACE=5)
+    settings = settings_from(POCKET_TTS_MAX_BATCH=8, POCKET_TTS_MAX_TEXT_CHARS=1000, **limits)
+
+    assert settings.time_limits(100) == (410, 415)
+    assert settings.visibility_timeout == 2 * (10 + 4 * 1000 + 5)  # covers the longest batched job
+
+
 def test_missing_model_files_are_reported(tmp_path):
     settings = settings_from(
         POCKET_TTS_CONFIG=tmp_path / "missing.yaml", POCKET_TTS_WEIGHTS="hf://kyutai/x/model.safetensors",
