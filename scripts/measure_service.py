@@ -12,8 +12,8 @@ subprocesses, and stops them all before exiting. Three measurements:
 2. Memory of a prefork worker on a full-size random-weight checkpoint in the official layout, with
    1, 2, ... --max-children children, after each child ran jobs: PSS (proportional set size,
    /proc/<pid>/smaps_rollup) of the main process and of each child, the total, and what each added
-   child adds. Once with an exported voice state as the voice, once with a .wav prompt (which also
-   runs the Mimi encoder in the children).
+   child adds. Once with jobs in the default voice (an exported voice state), once with jobs that
+   clone a .wav prompt (the Mimi encoder then runs in the children).
 3. How long a job whose child is SIGKILLed mid-job takes to start again (task-started events),
    --kills times, on the full-size checkpoint.
 
@@ -143,7 +143,9 @@ def measure_overhead(client: Celery, events: TaskEvents, jobs: int) -> dict:
     }
 
 
-def measure_memory(client: Celery, broker_url: str, settings: dict[str, str], tmp: Path, max_children: int) -> dict:
+def measure_memory(
+    client: Celery, broker_url: str, settings: dict[str, str], tmp: Path, max_children: int, voice: str | None
+) -> dict:
     """Total PSS of a prefork worker per number of children, and the step per added child."""
     rows = []
     for children in range(1, max_children + 1):
@@ -153,7 +155,7 @@ def measure_memory(client: Celery, broker_url: str, settings: dict[str, str], tm
             w.wait_children_ready(client, timeout=300)
             # Jobs on every child first: memory as it is between jobs, not just after loading.
             jobs = group(
-                client.signature("pocket_tts.synthesize", args=("Warm the child up.",), kwargs={"temperature": 0})
+                client.signature("pocket_tts.synthesize", args=("Warm the child up.", voice), kwargs={"temperature": 0})
                 for _ in range(3 * children)
             )
             jobs.apply_async().get(timeout=300)
@@ -169,11 +171,11 @@ def measure_memory(client: Celery, broker_url: str, settings: dict[str, str], tm
                 "children_mib": per_child,
             }
         )
-    return {"voice": settings["POCKET_TTS_DEFAULT_VOICE"], "rows": rows}
+    return {"voice": voice or settings["POCKET_TTS_DEFAULT_VOICE"], "rows": rows}
 
 
 def print_memory_table(memory: dict) -> None:
-    print(f"PSS of a prefork worker, voice {memory['voice']} (MiB):", file=sys.stderr)
+    print(f"PSS of a prefork worker, jobs in voice {memory['voice']} (MiB):", file=sys.stderr)
     print("children | total | added by the last child | parent | private per child", file=sys.stderr)
     for row in memory["rows"]:
         private = ", ".join(f"{c['Private_Clean'] + c['Private_Dirty']:.0f}" for c in row["children_mib"])
@@ -236,10 +238,11 @@ def main() -> None:
             full = worker_settings(storage, voices, config, None)
             report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
             report["memory"] = []
-            for voice in (VOICE_STATE_FILE, VOICE_FILE):
-                settings = {**full, "POCKET_TTS_DEFAULT_VOICE": voice}
-                report["memory"].append(measure_memory(client, broker_url, settings, tmp, args.max_children))
-                print_memory_table(report["memory"][-1])
+            state_voice = {**full, "POCKET_TTS_DEFAULT_VOICE": VOICE_STATE_FILE}
+            for job_voice in (None, VOICE_FILE):
+                memory = measure_memory(client, broker_url, state_voice, tmp, args.max_children, job_voice)
+                report["memory"].append(memory)
+                print_memory_table(memory)
             with running_worker(client, worker_env(broker_url, full), tmp / "full.log", "full", *concurrency) as w:
                 w.wait_children_ready(client, timeout=300)
                 report["kill_redo"] = measure_kill_redo(w, client, events, args.kills)

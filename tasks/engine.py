@@ -46,7 +46,7 @@ class Engine:
 
         configure_torch_threads(num_threads)
         model = TTSModel.load_model(language=settings.language, config=settings.config, weights=settings.weights)
-        model.warmup()
+        model.warmup(encoder=model.has_voice_cloning)  # packed once, before forking: children share it
         engine = cls(model, describe_model(settings), settings.voice_cache_size, settings.max_batch)
         engine.preload_voice(settings)
         return engine

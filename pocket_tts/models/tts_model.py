@@ -347,12 +347,15 @@ class TTSModel(nn.Module):
         return state
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, encoder: bool = False) -> None:
         """One short generation, so the first real job does not pay for lazy initialisation.
 
-        The voice is a neutral one-position state rather than an encoded prompt: the Mimi
-        encoder (and its packed weights) then stays cold in workers that never clone voices.
+        The voice is a neutral one-position state rather than an encoded prompt, so the Mimi
+        encoder (and its ~40 MB of packed weights) stays cold unless `encoder` is set: worth it
+        where the packed copy is shared, e.g. in a process that forks workers.
         """
+        if encoder:
+            self.mimi.encode(torch.zeros(1, self.mimi.channels, self.mimi.frame_size))
         state = self.flow_lm.init_state(1, 1)
         self.flow_lm.prompt(torch.zeros(1, 1, self.flow_lm.dim), state)
         for _ in zip(range(2), self.generate_audio_stream(state, "Hi.", temp=0.0)):
