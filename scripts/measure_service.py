@@ -1,6 +1,7 @@
 """Measure the worker service on this machine: queue overhead, memory per process, redo time of a killed job.
 
     python scripts/measure_service.py --parity-dir ../shared/parity [--jobs 200] [--kills 5]
+    python scripts/measure_service.py --quick    # small checkpoint everywhere, few jobs: a smoke test
 
 Starts its own redis-server (loopback, free port) and `celery -A tasks worker --pool=prefork`
 subprocesses, and stops them all before exiting. Three measurements:
@@ -92,15 +93,12 @@ class TaskEvents:
         self._thread.join(timeout=5)  # before Redis goes away under it
 
 
-def write_full_size_checkpoint(folder: Path, voices: Path) -> Path:
-    """A full-size random checkpoint, and the voice prompt's state exported for it into `voices`."""
+def export_voice_state(config: Path, weights: Path | None, voices: Path) -> None:
+    """The voice prompt's state for this checkpoint, as the voice-state file of the memory jobs."""
     from pocket_tts.models.tts_model import TTSModel, export_model_state
-    from pocket_tts.random_checkpoint import write_random_checkpoint
 
-    config = write_random_checkpoint(folder)
-    model = TTSModel.load_model(config=config)
+    model = TTSModel.load_model(config=config, weights=weights)
     export_model_state(model.get_state_for_audio_prompt(str(voices / VOICE_FILE)), voices / VOICE_STATE_FILE)
-    return config
 
 
 def worker_settings(storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
@@ -214,7 +212,10 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--max-children", type=int, default=3, help="memory: children from 1 to this")
+    parser.add_argument("--quick", action="store_true", help="small checkpoint, 10 jobs, 2 children, no kills")
     args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.kills, args.max_children = 10, 0, 2
 
     with tempfile.TemporaryDirectory(prefix="measure-service-") as tmp, redis_server() as redis:
         tmp = Path(tmp)
@@ -234,18 +235,27 @@ def main() -> None:
                 w.wait_children_ready(client, timeout=300)
                 report["overhead"] = measure_overhead(client, events, args.jobs)
 
-            config = write_full_size_checkpoint(tmp / "full", voices)
-            full = worker_settings(storage, voices, config, None)
-            report["weights_mib"] = round((tmp / "full" / "model.safetensors").stat().st_size / 2**20, 1)
+            if args.quick:
+                config, weights = args.parity_dir / "config.yaml", args.parity_dir / "model.safetensors"
+            else:
+                from pocket_tts.random_checkpoint import write_random_checkpoint
+
+                config, weights = write_random_checkpoint(tmp / "full"), None
+            export_voice_state(config, weights, voices)
+            full = worker_settings(storage, voices, config, weights)
+            weights_file = weights or config.parent / "model.safetensors"
+            report["weights_mib"] = round(weights_file.stat().st_size / 2**20, 1)
             report["memory"] = []
             state_voice = {**full, "POCKET_TTS_DEFAULT_VOICE": VOICE_STATE_FILE}
             for job_voice in (None, VOICE_FILE):
                 memory = measure_memory(client, broker_url, state_voice, tmp, args.max_children, job_voice)
                 report["memory"].append(memory)
                 print_memory_table(memory)
-            with running_worker(client, worker_env(broker_url, full), tmp / "full.log", "full", *concurrency) as w:
-                w.wait_children_ready(client, timeout=300)
-                report["kill_redo"] = measure_kill_redo(w, client, events, args.kills)
+            if args.kills:
+                env = worker_env(broker_url, full)
+                with running_worker(client, env, tmp / "full.log", "full", *concurrency) as w:
+                    w.wait_children_ready(client, timeout=300)
+                    report["kill_redo"] = measure_kill_redo(w, client, events, args.kills)
         finally:
             events.stop()
     print(json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""scripts/run_local.py and scripts/benchmark_fleet.py end to end on the small parity checkpoint (no timing checks)."""
+"""scripts/run_local.py, benchmark_fleet.py and measure_service.py end to end on the small parity checkpoint (no timing checks)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,21 @@ def test_benchmark_fleet_quick_json(parity_dir, tmp_path):
         assert roles == (["main", "child"] if row["mode"] == "prefork" else ["main"])
         assert all(process["pss_mib"] > 0 and process["rss_mib"] > 0 for process in row["process_memory"])
     assert "[batching 1x1 float32]" in run.stderr  # progress
+
+
+def test_measure_service_quick_reports_memory_per_added_child(parity_dir, tmp_path):
+    require_redis_server()
+    run = run_script("measure_service.py", "--quick", "--parity-dir", str(parity_dir), env=clean_env(), cwd=tmp_path)
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["overhead"]["jobs"] == 10 and "kill_redo" not in report
+    assert [memory["voice"] for memory in report["memory"]] == ["voice_24k.safetensors", "voice_24k.wav"]
+    for memory in report["memory"]:
+        first, second = memory["rows"]
+        assert (first["children"], len(first["children_mib"]), second["children"], len(second["children_mib"])) == (
+            1, 1, 2, 2,
+        )  # fmt: skip
+        assert first["added_by_last_child"] is None and second["added_by_last_child"] > 0
+        assert second["total_pss"] == round(second["parent"]["Pss"] + sum(c["Pss"] for c in second["children_mib"]), 1)
+    assert "added by the last child" in run.stderr  # the printed table
