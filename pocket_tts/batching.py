@@ -27,7 +27,6 @@ import torch
 from pocket_tts.models.flow_lm import VoiceState
 from pocket_tts.models.mimi import MimiDecoderState, concat_decoder_states, select_decoder_rows
 from pocket_tts.models.tts_model import FADE_IN_SECONDS, MAX_TOKENS_PER_CHUNK, MIN_FRAMES_BEFORE_EOS, TTSModel
-from pocket_tts.text import prepare_text, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,7 @@ class BatchedSynthesizer:
         self._decoder: MimiDecoderState | None = None  # one row per stream, same order
         with torch.inference_mode():
             self._time_conditions = model.flow_lm.time_conditions(model.sampler_decode_steps)
+        self._fade_in = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -80,19 +80,13 @@ class BatchedSynthesizer:
         Text errors (empty text, bad options) raise here, in the caller's thread.
         """
         model = self.model
-        temp = model.temp if temp is None else float(temp)
-        if temp < 0 or not math.isfinite(temp):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
-        if frames_after_eos is None:
-            frames_after_eos = model.config.model_recommended_frames_after_eos
-        chunks = split_into_chunks(text, model.tokenizer, max_tokens, model.text_options)
+        temp = model.checked_temperature(temp)
+        chunks = model.text_chunks(text, max_tokens, frames_after_eos)
         request = _Request(Future(), [[] for _ in chunks], len(chunks))
-        streams = []
-        for index, chunk in enumerate(chunks):
-            prepared, guess = prepare_text(chunk, model.text_options)
-            ids = model.tokenizer.encode(prepared)
-            after_eos = guess + 2 if frames_after_eos is None else frames_after_eos
-            streams.append(_Stream(request, index, voice_state, ids, after_eos, temp, model.max_frames(len(ids))))
+        streams = [
+            _Stream(request, index, voice_state, ids, after_eos, temp, model.max_frames(len(ids)))
+            for index, (ids, after_eos) in enumerate(chunks)
+        ]
         self._ensure_running()
         for stream in streams:
             self._inbox.put(stream)
@@ -168,7 +162,7 @@ class BatchedSynthesizer:
             cache["offset"][row] = voice_len
             cache["pad"][row] = voice["pad"].view(-1)[0]
         text = model.flow_lm.conditioner(torch.tensor([stream.ids], dtype=torch.long))
-        model.flow_lm.prompt(text, self._row_views(row))
+        model.flow_lm.prompt(text, self._views(slice(row, row + 1)))
         fresh = model.mimi.init_decoder_state(1)
         self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
         self._streams.append(stream)
@@ -190,17 +184,11 @@ class BatchedSynthesizer:
             new["pad"][:n] = old["pad"]
         self._caches = list(grown.values())
 
-    def _row_views(self, row: int) -> VoiceState:
+    def _views(self, rows: slice) -> VoiceState:
+        """The batched caches restricted to `rows`, as a FlowLM state (views: writes go to the batch)."""
         names = self.model.flow_lm.layer_names()
         return {
-            name: {key: (t[:, row : row + 1] if key == "cache" else t[row : row + 1]) for key, t in cache.items()}
-            for name, cache in zip(names, self._caches)
-        }
-
-    def _active_views(self, n: int) -> VoiceState:
-        names = self.model.flow_lm.layer_names()
-        return {
-            name: {key: (t[:, :n] if key == "cache" else t[:n]) for key, t in cache.items()}
+            name: {key: (t[:, rows] if key == "cache" else t[rows]) for key, t in cache.items()}
             for name, cache in zip(names, self._caches)
         }
 
@@ -210,7 +198,7 @@ class BatchedSynthesizer:
         n = len(streams)
         nan = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
         inputs = torch.cat([nan if s.latent is None else s.latent for s in streams])
-        hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), self._active_views(n))[:, -1]
+        hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), self._views(slice(0, n)))[:, -1]
         eos = (flow_lm.eos_logit(hidden)[:, 0] > model.eos_threshold).tolist()
         std = torch.tensor([[math.sqrt(s.temp)] for s in streams])
         noise = torch.randn(n, flow_lm.latent_dim) * std if bool((std > 0).any()) else torch.zeros(n, flow_lm.latent_dim)
@@ -226,7 +214,7 @@ class BatchedSynthesizer:
             stream.step += 1
         # Every row decodes one frame in one call; rows that just ended decode their unused latent.
         audio = model.mimi.decode(flow_lm.to_mimi_space(latents[:, None]), self._decoder)[:, 0]
-        fade = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
+        fade = self._fade_in
         for row, stream in enumerate(streams):
             if stream.done:
                 continue

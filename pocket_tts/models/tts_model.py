@@ -257,18 +257,32 @@ class TTSModel(nn.Module):
                               frames_after_eos: int | None = None, copy_state: bool = True,
                               temp: float | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
         """Yield 1-D audio pieces as frames are produced; their concatenation is `generate_audio`'s output."""
+        temp = self.checked_temperature(temp)
+        for ids, after_eos in self.text_chunks(text_to_generate, max_tokens, frames_after_eos):
+            yield from self._speak_chunk(model_state, ids, after_eos, copy_state, temp)
+
+    def checked_temperature(self, temp: float | None) -> float:
+        """`temp`, or the model's default for None; a negative or non-finite value raises ValueError."""
         temp = self.temp if temp is None else float(temp)
         if temp < 0 or not math.isfinite(temp):
             raise ValueError(f"temperature must be a finite number >= 0, got {temp}")
+        return temp
+
+    def text_chunks(self, text: str, max_tokens: int = MAX_TOKENS_PER_CHUNK,
+                    frames_after_eos: int | None = None) -> list[tuple[list[int], int]]:  # fmt: skip
+        """(token ids, frames to generate after EOS) of each chunk of `text`, in order.
+
+        Text errors raise ValueError here, before any generation.
+        """
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if frames_after_eos is None:
             frames_after_eos = self.config.model_recommended_frames_after_eos
-        for chunk in split_into_chunks(text_to_generate, self.tokenizer, max_tokens, self.text_options):
+        chunks = []
+        for chunk in split_into_chunks(text, self.tokenizer, max_tokens, self.text_options):
             prepared, guess = prepare_text(chunk, self.text_options)
-            ids = self.tokenizer.encode(prepared)
-            after_eos = guess + 2 if frames_after_eos is None else frames_after_eos
-            yield from self._speak_chunk(model_state, ids, after_eos, copy_state, temp)
+            chunks.append((self.tokenizer.encode(prepared), guess + 2 if frames_after_eos is None else frames_after_eos))
+        return chunks
 
     def max_frames(self, token_count: int) -> int:
         return math.ceil((token_count / TOKENS_PER_SECOND + EXTRA_SECONDS) * self.config.mimi.frame_rate)
