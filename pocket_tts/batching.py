@@ -16,7 +16,6 @@ a leaving stream's row is refilled by moving the last row into it.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -26,7 +25,8 @@ import torch
 
 from pocket_tts.models.flow_lm import VoiceState
 from pocket_tts.models.mimi import MimiDecoderState, concat_decoder_states, select_decoder_rows
-from pocket_tts.models.tts_model import FADE_IN_SECONDS, MAX_TOKENS_PER_CHUNK, MIN_FRAMES_BEFORE_EOS, TTSModel
+from pocket_tts.models.sampling import ChunkProgress
+from pocket_tts.models.tts_model import MAX_TOKENS_PER_CHUNK, TTSModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,8 @@ class _Stream:
     chunk_index: int
     voice: VoiceState
     ids: list[int]
-    frames_after_eos: int
     temp: float
-    max_frames: int
-    step: int = 0
-    eos_step: int | None = None
+    progress: ChunkProgress
     latent: torch.Tensor | None = None  # last emitted latent, the next step's input (flow space)
     done: bool = False
 
@@ -65,9 +62,6 @@ class BatchedSynthesizer:
         self._streams: list[_Stream] = []
         self._caches: list[dict[str, torch.Tensor]] = []
         self._decoder: MimiDecoderState | None = None  # one row per stream, same order
-        with torch.inference_mode():
-            self._time_conditions = model.flow_lm.time_conditions(model.sampler_decode_steps)
-        self._fade_in = torch.linspace(0, 1, int(model.sample_rate * FADE_IN_SECONDS))
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -84,7 +78,7 @@ class BatchedSynthesizer:
         chunks = model.text_chunks(text, max_tokens, frames_after_eos)
         request = _Request(Future(), [[] for _ in chunks], len(chunks))
         streams = [
-            _Stream(request, index, voice_state, ids, after_eos, temp, model.max_frames(len(ids)))
+            _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))))
             for index, (ids, after_eos) in enumerate(chunks)
         ]
         self._ensure_running()
@@ -152,7 +146,7 @@ class BatchedSynthesizer:
     def _join(self, stream: _Stream) -> None:
         model = self.model
         voice_len = _state_length(stream.voice)
-        needed = voice_len + len(stream.ids) + stream.max_frames
+        needed = voice_len + len(stream.ids) + stream.progress.max_frames
         row = len(self._streams)
         self._reserve(row + 1, needed)
         for name, cache in zip(model.flow_lm.layer_names(), self._caches):
@@ -161,8 +155,7 @@ class BatchedSynthesizer:
             cache["cache"][:, row, :voice_len] = voice["cache"][:, 0, :voice_len]
             cache["offset"][row] = voice_len
             cache["pad"][row] = voice["pad"].view(-1)[0]
-        text = model.flow_lm.conditioner(torch.tensor([stream.ids], dtype=torch.long))
-        model.flow_lm.prompt(text, self._views(slice(row, row + 1)))
+        model.sampler.prompt_text(torch.tensor([stream.ids], dtype=torch.long), self._views(slice(row, row + 1)), [stream.temp])
         fresh = model.mimi.init_decoder_state(1)
         self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
         self._streams.append(stream)
@@ -193,36 +186,26 @@ class BatchedSynthesizer:
         }
 
     def _step(self) -> None:
-        model, flow_lm = self.model, self.model.flow_lm
+        model, sampler = self.model, self.model.sampler
         streams = self._streams
         n = len(streams)
-        nan = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
-        inputs = torch.cat([nan if s.latent is None else s.latent for s in streams])
-        hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), self._views(slice(0, n)))[:, -1]
-        eos = (flow_lm.eos_logit(hidden)[:, 0] > model.eos_threshold).tolist()
-        std = torch.tensor([[math.sqrt(s.temp)] for s in streams])
-        noise = torch.randn(n, flow_lm.latent_dim) * std if bool((std > 0).any()) else torch.zeros(n, flow_lm.latent_dim)
-        latents = flow_lm.sample(hidden, noise, self._time_conditions)
-
+        inputs = torch.cat([sampler.bos if s.latent is None else s.latent for s in streams])
+        frame = sampler.step(inputs, self._views(slice(0, n)), [s.temp for s in streams], model.eos_threshold)
         for row, stream in enumerate(streams):
-            if stream.eos_step is None and eos[row] and stream.step >= MIN_FRAMES_BEFORE_EOS:
-                stream.eos_step = stream.step
-            if stream.eos_step is not None and stream.step >= stream.eos_step + stream.frames_after_eos:
+            if stream.progress.accept(frame.eos[row]):
+                stream.latent = frame.latents[row : row + 1, None]
+            else:
                 stream.done = True  # this step's latent is dropped (its row is decoded, then discarded)
-                continue
-            stream.latent = latents[row : row + 1, None]
-            stream.step += 1
         # Every row decodes one frame in one call; rows that just ended decode their unused latent.
-        audio = model.mimi.decode(flow_lm.to_mimi_space(latents[:, None]), self._decoder)[:, 0]
-        fade = self._fade_in
+        audio = model.mimi.decode(model.flow_lm.to_mimi_space(frame.latents[:, None]), self._decoder)[:, 0]
         for row, stream in enumerate(streams):
             if stream.done:
                 continue
             piece = audio[row].clone()  # a view would keep the whole batch's audio alive
-            if stream.step == 1:
-                piece[: fade.numel()] *= fade[: piece.numel()]
+            if stream.progress.step == 1:
+                sampler.fade_in(piece)
             stream.request.pieces[stream.chunk_index].append(piece)
-            stream.done = stream.step >= stream.max_frames
+            stream.done = stream.progress.exhausted
         self._drop_finished()
 
     def _drop_finished(self) -> None:

@@ -1,8 +1,7 @@
 """The model configuration: the YAML schema of Kyutai's released configs.
 
-Only the architecture family of the released English model is implemented;
-optional keys that select another family are accepted at their neutral value
-and rejected otherwise, so a config we cannot run fails at load time.
+Every key of that schema is read (architecture options included); unknown keys and
+values we cannot run fail at load time with the key's name.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 CONFIGS_DIR = Path(__file__).parent / "config"
 DEFAULT_LANGUAGE = "english"
+HEAD_TYPES = ("lsd", "flow_matching", "drifting", "pointwise")  # flow_lm.flow.type
 
 
 class _Strict(BaseModel):
@@ -121,27 +121,28 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _supported_architecture(self) -> "ModelConfig":
-        fl, mimi = self.flow_lm, self.mimi
+        fl, mimi, t = self.flow_lm, self.mimi, self.flow_lm.transformer
         unsupported = {
-            "flow_lm.flow.type": fl.flow.type != "lsd",
-            "flow_lm.transformer.attn_dim": fl.transformer.attn_dim not in (None, fl.transformer.d_model),
-            "flow_lm.transformer.num_kv_heads": fl.transformer.num_kv_heads
-            not in (None, fl.transformer.num_heads),
-            "flow_lm.z_dim": fl.z_dim is not None,
-            "flow_lm.lookup_table.rank": fl.lookup_table.rank is not None,
-            "mimi.decoder_seanet": mimi.decoder_seanet is not None,
-            "mimi.decoder_transformer": mimi.decoder_transformer is not None,
             "flow_lm.dtype": fl.dtype != "float32",
             "mimi.dtype": mimi.dtype != "float32",
         }
         bad = [key for key, is_bad in unsupported.items() if is_bad]
         if bad:
             raise ValueError(f"this engine does not implement the config option(s) {', '.join(bad)}")
-        if fl.transformer.d_model % fl.transformer.num_heads:
-            raise ValueError("flow_lm.transformer.d_model must be a multiple of num_heads")
-        if fl.lookup_table.dim != fl.transformer.d_model:
+        if fl.flow.type not in HEAD_TYPES:
+            raise ValueError(f"flow_lm.flow.type {fl.flow.type!r} is not one of {', '.join(HEAD_TYPES)}")
+        if (t.attn_dim or t.d_model) % t.num_heads:
+            raise ValueError("flow_lm.transformer.attn_dim (default d_model) must be a multiple of num_heads")
+        if t.num_kv_heads is not None and (t.num_kv_heads < 1 or t.num_heads % t.num_kv_heads):
+            raise ValueError("flow_lm.transformer.num_heads must be a multiple of num_kv_heads")
+        if fl.lookup_table.dim != t.d_model:
             raise ValueError("flow_lm.lookup_table.dim must equal flow_lm.transformer.d_model")
         return self
+
+    @property
+    def voice_dim(self) -> int:
+        """Width of the Mimi encoder's latents, which the voice projection reads."""
+        return self.mimi.inner_dim or self.mimi.seanet.dimension
 
     @property
     def latent_dim(self) -> int:

@@ -83,7 +83,7 @@ def save_random_weights(cfg: ModelConfig, path: Path, seed: int) -> None:
     from pocket_tts.models.mimi import Mimi
 
     with torch.device("meta"):
-        parts = {"flow_lm": FlowLM(cfg.flow_lm, cfg.latent_dim), "mimi": Mimi.from_config(cfg.mimi)}
+        parts = {"flow_lm": FlowLM(cfg.flow_lm, cfg.latent_dim, cfg.voice_dim), "mimi": Mimi.from_config(cfg.mimi)}
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for prefix, module in parts.items():

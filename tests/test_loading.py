@@ -43,7 +43,7 @@ def test_shipped_english_config_matches_the_released_layout(parity_dir):
         from pocket_tts.models.flow_lm import FlowLM
         from pocket_tts.models.mimi import Mimi
 
-        parts = {"flow_lm": FlowLM(cfg.flow_lm, cfg.latent_dim), "mimi": Mimi.from_config(cfg.mimi)}
+        parts = {"flow_lm": FlowLM(cfg.flow_lm, cfg.latent_dim, cfg.voice_dim), "mimi": Mimi.from_config(cfg.mimi)}
     ours = {f"{p}.{k}": list(v.shape) for p, m in parts.items() for k, v in m.state_dict().items()}
     expected = {}
     for line in (parity_dir / "english_state_dict.txt").read_text().splitlines():
@@ -122,6 +122,23 @@ def test_invalid_config_values_are_one_line(checkpoint_copy):
     (checkpoint_copy / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"invalid config .*config.yaml: "):
         load_config(checkpoint_copy / "config.yaml")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("transformer", "sliding_window", 64, r"flow_lm\.transformer\.sliding_window: Extra inputs"),
+        ("flow", "type", "diffusion", r"flow_lm\.flow\.type 'diffusion' is not one of lsd, flow_matching"),
+        ("transformer", "num_kv_heads", 3, r"num_heads must be a multiple of num_kv_heads"),
+    ],
+)
+def test_options_outside_kyutais_schema_fail_naming_the_key(checkpoint_copy, section, key, value, message):
+    config = yaml.safe_load((checkpoint_copy / "config.yaml").read_text())
+    config["flow_lm"][section][key] = value
+    (checkpoint_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=message) as error:
+        load_config(checkpoint_copy / "config.yaml")
+    assert "\n" not in str(error.value)
 
 
 def test_hub_files_come_from_the_cache_offline_and_a_miss_says_how_to_fix_it(tmp_path):

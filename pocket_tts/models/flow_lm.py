@@ -77,22 +77,31 @@ class FlowFinalLayer(nn.Module):
         return self.linear(_modulated_norm(x, shift, scale, None))
 
 
-class FlowHead(nn.Module):
-    """v(c, s, t, x): the direction from x at time s to the sample at time t, given backbone output c."""
+# Time conditions each sampler head takes: LSD two (start and end of a jump), flow matching
+# one (the Euler step's time), the one-step heads none.
+HEAD_TIME_CONDITIONS = {"lsd": 2, "flow_matching": 1, "drifting": 0, "pointwise": 0}
 
-    def __init__(self, latent_dim: int, dim: int, cond_dim: int, depth: int):
+
+class FlowHead(nn.Module):
+    """f(c, times..., x): an MLP over the latent x, modulated by backbone output c and the head's time conditions."""
+
+    def __init__(self, latent_dim: int, dim: int, cond_dim: int, depth: int, kind: str = "lsd"):
         super().__init__()
-        self.time_embed = nn.ModuleList(TimeEmbedding(dim) for _ in range(2))
+        self.kind = kind
+        self.time_embed = nn.ModuleList(TimeEmbedding(dim) for _ in range(HEAD_TIME_CONDITIONS[kind]))
         self.cond_embed = Linear(cond_dim, dim)
         self.input_proj = Linear(latent_dim, dim)
         self.res_blocks = nn.ModuleList(FlowResBlock(dim) for _ in range(depth))
         self.final_layer = FlowFinalLayer(dim, latent_dim)
 
-    def time_condition(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (self.time_embed[0](s) + self.time_embed[1](t)) / 2
+    def time_condition(self, *times: torch.Tensor) -> torch.Tensor:
+        """The mean of the time embeddings, one time per embedder."""
+        return sum(embed(t) for embed, t in zip(self.time_embed, times)) / len(self.time_embed)
 
-    def forward(self, c: torch.Tensor, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.velocity(self.time_condition(s, t) + self.cond_embed(c), x)
+    def forward(self, c: torch.Tensor, *times_and_x: torch.Tensor) -> torch.Tensor:
+        *times, x = times_and_x
+        y = self.cond_embed(c)
+        return self.velocity(y + self.time_condition(*times) if times else y, x)
 
     def velocity(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.input_proj(x)
@@ -100,40 +109,80 @@ class FlowHead(nn.Module):
             x = block(x, y)
         return self.final_layer(x, y)
 
+    def time_conditions(self, steps: int) -> list[torch.Tensor]:
+        """The time embedding of each integration step: the same for every frame, so callers keep them.
+
+        LSD jumps i/n -> (i+1)/n; flow matching takes Euler steps at times i/n (1 is never
+        evaluated); the one-step heads take none.
+        """
+        if self.kind == "lsd":
+            return [self.time_condition(_time(i / steps), _time((i + 1) / steps)) for i in range(steps)]
+        if self.kind == "flow_matching":
+            return [self.time_condition(_time(i / steps)) for i in range(steps)]
+        return []
+
+    def sample(self, c: torch.Tensor, noise: torch.Tensor, time_conditions: list[torch.Tensor]) -> torch.Tensor:
+        """The latent for backbone output c, starting from x0 = noise."""
+        cond = self.cond_embed(c)
+        if self.kind == "drifting":
+            return self.velocity(cond, noise)
+        if self.kind == "pointwise":
+            return noise + self.velocity(cond, noise)
+        x, steps = noise, len(time_conditions)
+        for time in time_conditions:
+            x = x + self.velocity(time + cond, x) / steps
+        return x
+
+
+def _time(value: float) -> torch.Tensor:
+    return torch.full((1, 1), value)
+
 
 class TextEmbedding(nn.Module):
-    """Lookup table for token ids (one spare row at the end, unused at inference)."""
+    """Lookup table for token ids (one spare row at the end, unused at inference).
 
-    def __init__(self, n_bins: int, dim: int):
+    With a `rank`, rows are rank wide and a bias-free projection maps them to `dim`.
+    """
+
+    def __init__(self, n_bins: int, dim: int, rank: int | None = None):
         super().__init__()
+        width = rank or dim
         # An explicit weight skips the random init, which on the meta device imports torch's compiler stack.
-        self.embed = nn.Embedding(n_bins + 1, dim, _weight=torch.empty(n_bins + 1, dim))
+        self.embed = nn.Embedding(n_bins + 1, width, _weight=torch.empty(n_bins + 1, width))
+        self.proj = None if rank is None else Linear(rank, dim, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids)
+        x = self.embed(ids)
+        return x if self.proj is None else self.proj(x)
 
 
 class FlowLM(nn.Module):
-    def __init__(self, cfg: FlowLMConfig, latent_dim: int):
+    """`voice_dim` is the width of the Mimi encoder's latents that `speaker_proj_weight` reads."""
+
+    def __init__(self, cfg: FlowLMConfig, latent_dim: int, voice_dim: int | None = None):
         super().__init__()
         tcfg = cfg.transformer
         d = tcfg.d_model
         self.dim, self.latent_dim = d, latent_dim
-        self.conditioner = TextEmbedding(cfg.lookup_table.n_bins, d)
-        self.flow_net = FlowHead(latent_dim, cfg.flow.dim, d, cfg.flow.depth)
+        self.conditioner = TextEmbedding(cfg.lookup_table.n_bins, d, cfg.lookup_table.rank)
+        out_dim = cfg.z_dim or d
+        self.flow_net = FlowHead(latent_dim, cfg.flow.dim, out_dim, cfg.flow.depth, cfg.flow.type)
         self.register_buffer("emb_std", torch.ones(latent_dim))
         self.register_buffer("emb_mean", torch.zeros(latent_dim))
         self.bos_emb = nn.Parameter(torch.zeros(latent_dim))
         self.insert_bos_before_voice = cfg.insert_bos_before_voice
         if self.insert_bos_before_voice:
             self.bos_before_voice = nn.Parameter(torch.zeros(1, 1, d))
-        self.speaker_proj_weight = nn.Parameter(torch.zeros(d, latent_dim))
+        self.speaker_proj_weight = nn.Parameter(torch.zeros(d, voice_dim or latent_dim))
         self.input_linear = nn.Linear(latent_dim, d, bias=False)
         self.transformer = Transformer(
-            d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period), linear=Linear
-        )
+            d, tcfg.num_heads, tcfg.num_layers, tcfg.feedforward, float(tcfg.max_period), linear=Linear,
+            attn_dim=tcfg.attn_dim, num_kv_heads=tcfg.num_kv_heads,
+        )  # fmt: skip
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
-        self.out_eos = nn.Linear(d, 1)
+        # The sampler and EOS heads read a z_dim-wide projection of the backbone output when there is one.
+        self.z_proj = None if cfg.z_dim is None else Linear(d, cfg.z_dim, bias=False)
+        self.out_eos = nn.Linear(out_dim, 1)
 
     # --- streaming state -------------------------------------------------------------
     def layer_names(self) -> list[str]:
@@ -150,7 +199,7 @@ class FlowLM(nn.Module):
 
     # --- forward pieces ---------------------------------------------------------------
     def speaker_prompt(self, mimi_latents: torch.Tensor) -> torch.Tensor:
-        """Voice-prompt embeddings [B, 1 + frames, d] from Mimi-space encoder latents [B, frames, latent]."""
+        """Voice-prompt embeddings [B, (1 +) frames, d] from Mimi encoder latents [B, frames, voice_dim]."""
         prompt = F.linear(mimi_latents, self.speaker_proj_weight)
         if self.insert_bos_before_voice:
             prompt = torch.cat((self.bos_before_voice.expand(prompt.shape[0], -1, -1), prompt), dim=1)
@@ -161,9 +210,9 @@ class FlowLM(nn.Module):
         return self.input_linear(latents)
 
     def backbone(self, inputs: torch.Tensor, state: VoiceState | None) -> torch.Tensor:
-        """Run embeddings [B, T, d] through the transformer and the output norm."""
-        out = self.transformer(inputs, None if state is None else self._layer_states(state))
-        return self.out_norm(out)
+        """Run embeddings [B, T, d] through the transformer, the output norm and `z_proj`."""
+        out = self.out_norm(self.transformer(inputs, None if state is None else self._layer_states(state)))
+        return out if self.z_proj is None else self.z_proj(out)
 
     def prompt(self, embeddings: torch.Tensor, state: VoiceState) -> None:
         """Feed conditioning (voice prompt or text embeddings) into the cache; outputs are not needed."""
@@ -173,20 +222,10 @@ class FlowLM(nn.Module):
         return self.out_eos(hidden)
 
     def time_conditions(self, steps: int) -> list[torch.Tensor]:
-        """Embeddings of the jumps i/steps -> (i+1)/steps: the same for every frame, so callers keep them."""
-        return [
-            self.flow_net.time_condition(torch.full((1, 1), i / steps), torch.full((1, 1), (i + 1) / steps))
-            for i in range(steps)
-        ]
+        return self.flow_net.time_conditions(steps)
 
     def sample(self, hidden: torch.Tensor, noise: torch.Tensor, time_conditions: list[torch.Tensor]) -> torch.Tensor:
-        """Lagrangian self-distillation decode: len(time_conditions) jumps from x0 = noise along the flow."""
-        head, steps = self.flow_net, len(time_conditions)
-        cond = head.cond_embed(hidden)
-        x = noise
-        for time in time_conditions:
-            x = x + head.velocity(time + cond, x) / steps
-        return x
+        return self.flow_net.sample(hidden, noise, time_conditions)
 
     def to_mimi_space(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.emb_std + self.emb_mean

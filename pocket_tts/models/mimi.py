@@ -118,10 +118,12 @@ class Mimi(nn.Module):
         self.frame_size = int(cfg.sample_rate / cfg.frame_rate)
         self.latent_dim = cfg.quantizer.dimension
 
+        # The decoder side has its own SEANet and transformer sections in some layouts.
+        decoder_seanet = cfg.decoder_seanet or seanet
         self.encoder = SEANetEncoder(seanet)
-        self.decoder = SEANetDecoder(seanet)
+        self.decoder = SEANetDecoder(decoder_seanet)
         self.encoder_transformer = ProjectedTransformer(cfg.transformer)
-        self.decoder_transformer = ProjectedTransformer(cfg.transformer)
+        self.decoder_transformer = ProjectedTransformer(cfg.decoder_transformer or cfg.transformer)
         # ModuleDicts only to reproduce the checkpoint names `quantizer.output_proj`,
         # `downsample.conv.conv` and `upsample.convtr.convtr`.
         self.quantizer = nn.ModuleDict(
@@ -132,23 +134,27 @@ class Mimi(nn.Module):
         steps = cfg.sample_rate / self.encoder.hop_length / cfg.frame_rate
         if steps != int(steps) or steps < 1:
             raise ValueError(f"encoder rate / frame rate must be a positive integer, got {steps}")
+        if self.decoder.hop_length != self.encoder.hop_length:
+            raise ValueError("mimi.decoder_seanet.ratios must give the encoder's hop length")
         self.steps_per_frame = int(steps)
-        # Encoder output width must be the latent width, and the projection must feed the decoder.
-        latent_out = (cfg.inner_dim or seanet.dimension) if self.steps_per_frame > 1 else seanet.dimension
-        decoder_in = (cfg.outer_dim or seanet.dimension) if self.steps_per_frame > 1 else seanet.dimension
-        if latent_out != cfg.quantizer.dimension or decoder_in != cfg.quantizer.output_dimension:
+        # Encoder latents are `inner_dim` wide (voice prompts read them); generated latents go
+        # through the quantizer projection, whose output feeds the upsampling conv.
+        resampled = self.steps_per_frame > 1
+        self.voice_dim = (cfg.inner_dim or seanet.dimension) if resampled else seanet.dimension
+        decoder_in = (cfg.outer_dim or decoder_seanet.dimension) if resampled else decoder_seanet.dimension
+        if decoder_in != cfg.quantizer.output_dimension:
             raise ValueError(
-                f"inconsistent Mimi widths: encoder gives {latent_out}, quantizer maps "
-                f"{cfg.quantizer.dimension} -> {cfg.quantizer.output_dimension}, decoder takes {decoder_in}"
+                f"inconsistent Mimi widths: the quantizer maps {cfg.quantizer.dimension} -> "
+                f"{cfg.quantizer.output_dimension}, the decoder takes {decoder_in}"
             )
         self.downsample = self.upsample = None
-        if self.steps_per_frame > 1:
-            s, dim = self.steps_per_frame, seanet.dimension
+        if resampled:
+            s, enc_dim, dec_dim = self.steps_per_frame, seanet.dimension, decoder_seanet.dimension
             self.downsample = nn.ModuleDict(
-                {"conv": StreamingConv1d(dim, cfg.inner_dim or dim, 2 * s, stride=s, bias=False, pad_mode="replicate")}
+                {"conv": StreamingConv1d(enc_dim, self.voice_dim, 2 * s, stride=s, bias=False, pad_mode="replicate")}
             )
             self.upsample = nn.ModuleDict(
-                {"convtr": StreamingConvTranspose1d(cfg.outer_dim or dim, dim, 2 * s, stride=s, groups=dim, bias=False)}
+                {"convtr": StreamingConvTranspose1d(decoder_in, dec_dim, 2 * s, stride=s, groups=dec_dim, bias=False)}
             )
 
     @classmethod
@@ -157,7 +163,7 @@ class Mimi(nn.Module):
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """Waveform [B, channels, T] at `sample_rate` -> latents [B, frames, latent_dim] (Mimi space).
+        """Waveform [B, channels, T] at `sample_rate` -> latents [B, frames, voice_dim] (Mimi space).
 
         Stateless. The input is zero-padded on the right to a whole number of frames.
         """

@@ -44,20 +44,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Queries are `attn_dim` wide (d_model by default) in `num_heads` heads; keys and values have
+    `num_kv_heads` heads, each shared by consecutive query heads (grouped-query attention), and
+    the cache holds those only."""
+
     def __init__(
-        self, d_model: int, num_heads: int, max_period: float, context: int | None, linear: type[nn.Linear] = nn.Linear
-    ):
+        self, d_model: int, num_heads: int, max_period: float, context: int | None, linear: type[nn.Linear] = nn.Linear,
+        attn_dim: int | None = None, num_kv_heads: int | None = None,
+    ):  # fmt: skip
         super().__init__()
+        attn_dim = attn_dim or d_model
         self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = attn_dim // num_heads
+        self.attn_dim = attn_dim
         self.max_period = max_period
         self.context = context
-        self.in_proj = linear(d_model, 3 * d_model, bias=False)
-        self.out_proj = linear(d_model, d_model, bias=False)
+        self.in_proj = linear(d_model, attn_dim + 2 * self.num_kv_heads * self.head_dim, bias=False)
+        self.out_proj = linear(attn_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.in_proj(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        projected = self.in_proj(x)
+        q = projected[..., : self.attn_dim].view(b, t, self.num_heads, self.head_dim)
+        k, v = projected[..., self.attn_dim :].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(dim=2)
         if state is None:
             offsets = torch.zeros(b, dtype=torch.long)
         elif "cache" in state:
@@ -78,7 +88,8 @@ class Attention(nn.Module):
             keys, values, key_positions, first_valid = self._append_window(state, k, v, positions)
 
         mask = self._mask(positions, key_positions, first_valid)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        grouped = self.num_kv_heads != self.num_heads
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=grouped)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     @staticmethod
@@ -130,11 +141,11 @@ class Attention(nn.Module):
         return {
             "offset": torch.zeros(batch_size, dtype=torch.long),
             "pad": torch.zeros(batch_size, dtype=torch.long),
-            "cache": torch.zeros((2, batch_size, capacity, self.num_heads, self.head_dim), dtype=dtype),
+            "cache": torch.zeros((2, batch_size, capacity, self.num_kv_heads, self.head_dim), dtype=dtype),
         }
 
     def init_window_state(self, batch_size: int, dtype=torch.float32) -> LayerState:
-        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, dtype=dtype)
+        empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, dtype=dtype)
         return {"offset": torch.zeros(1, dtype=torch.long), "k": empty, "v": empty.clone()}
 
 
@@ -188,9 +199,11 @@ class TransformerLayer(nn.Module):
         context: int | None,
         layer_scale: float | None,
         linear: type[nn.Linear] = nn.Linear,
+        attn_dim: int | None = None,
+        num_kv_heads: int | None = None,
     ):
         super().__init__()
-        self.self_attn = Attention(d_model, num_heads, max_period, context, linear)
+        self.self_attn = Attention(d_model, num_heads, max_period, context, linear, attn_dim, num_kv_heads)
         self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
         self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
         self.linear1 = linear(d_model, dim_feedforward, bias=False)
@@ -224,10 +237,14 @@ class Transformer(nn.Module):
         context: int | None = None,
         layer_scale: float | None = None,
         linear: type[nn.Linear] = nn.Linear,
+        attn_dim: int | None = None,
+        num_kv_heads: int | None = None,
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerLayer(d_model, num_heads, dim_feedforward, max_period, context, layer_scale, linear)
+            TransformerLayer(
+                d_model, num_heads, dim_feedforward, max_period, context, layer_scale, linear, attn_dim, num_kv_heads
+            )
             for _ in range(num_layers)
         )
 

@@ -21,6 +21,7 @@ from pocket_tts.config import DEFAULT_LANGUAGE, ModelConfig, config_path_for_lan
 from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
 from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
+from pocket_tts.models.sampling import ChunkProgress, FrameSampler
 from pocket_tts.precision import check_precision, lower_backbone_precision, precision_from_env
 from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
 from pocket_tts.threads import threads_from_env
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 MAX_TOKENS_PER_CHUNK = 50
 TOKENS_PER_SECOND = 3.0  # speaking-rate estimate that bounds the length of a chunk
 EXTRA_SECONDS = 2.0
-MIN_FRAMES_BEFORE_EOS = 6  # early EOS flags fire before speech starts for some voices
-FADE_IN_SECONDS = 0.005  # hides the step a fresh decoder state puts in its first samples
 MAX_PROMPT_SECONDS = 30.0
 STREAM_DECODE_FRAMES = 4  # latents per Mimi call after the first frame of a chunk
 
@@ -64,7 +63,7 @@ class TTSModel(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.flow_lm = FlowLM(config.flow_lm, config.latent_dim)
+        self.flow_lm = FlowLM(config.flow_lm, config.latent_dim, config.voice_dim)
         self.mimi = Mimi.from_config(config.mimi)
         self.temp = temp
         self.sampler_decode_steps = sampler_decode_steps
@@ -146,6 +145,7 @@ class TTSModel(nn.Module):
         model.requires_grad_(False)
         lower_backbone_precision(model.flow_lm.transformer, precision)
         model.precision = precision
+        model.sampler = FrameSampler(model.flow_lm, sampler_decode_steps, noise_clamp, model.sample_rate)
         logger.info("loaded %s with weights %s", config_path, weights_file)
         return model
 
@@ -237,8 +237,8 @@ class TTSModel(nn.Module):
                 cache = layer.get("cache")
                 if cache is None or "offset" not in layer:
                     problem = f"{name} lacks cache/offset"
-                elif cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (attn.num_heads, attn.head_dim):
-                    problem = f"{name}/cache has shape {list(cache.shape)}, expected [2, B, T, {attn.num_heads}, {attn.head_dim}]"
+                elif cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (attn.num_kv_heads, attn.head_dim):
+                    problem = f"{name}/cache has shape {list(cache.shape)}, expected [2, B, T, {attn.num_kv_heads}, {attn.head_dim}]"
                 elif int(layer["offset"].view(-1)[0]) > cache.shape[2]:
                     problem = f"{name}/offset exceeds its cache length"
                 if problem:
@@ -300,10 +300,7 @@ class TTSModel(nn.Module):
         def decode() -> torch.Tensor:
             audio = self.mimi.decode(self.flow_lm.to_mimi_space(torch.cat(pending, dim=1)), decoder_state)[0, 0]
             pending.clear()
-            if n_samples == 0:
-                fade = torch.linspace(0, 1, int(self.sample_rate * FADE_IN_SECONDS))
-                audio[: fade.numel()] *= fade[: audio.numel()]
-            return audio
+            return self.sampler.fade_in(audio) if n_samples == 0 else audio
 
         for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp):
             pending.append(step.latent)
@@ -322,32 +319,18 @@ class TTSModel(nn.Module):
     def generate_latents(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int,
                          copy_state: bool = True, temp: float = 0.0) -> Iterator[LatentStep]:  # fmt: skip
         """The autoregressive loop of one chunk: prompt the text, then one latent per step until EOS."""
-        max_frames = self.max_frames(len(ids))
-        state = self._chunk_state(voice_state, len(ids) + max_frames, copy_state)
-        flow_lm = self.flow_lm
-        flow_lm.prompt(flow_lm.conditioner(torch.tensor([ids], dtype=torch.long)), state)
-        latent = torch.full((1, 1, flow_lm.latent_dim), float("nan"))
-        time_conditions = flow_lm.time_conditions(self.sampler_decode_steps)
-        eos_step = None
-        for step in range(max_frames):
-            hidden = flow_lm.backbone(flow_lm.embed_latents(latent), state)[:, -1]
-            eos_logit = float(flow_lm.eos_logit(hidden))
-            if eos_step is None and eos_logit > self.eos_threshold and step >= MIN_FRAMES_BEFORE_EOS:
-                eos_step = step
-            if eos_step is not None and step >= eos_step + frames_after_eos:
+        progress = ChunkProgress(frames_after_eos, self.max_frames(len(ids)))
+        state = self._chunk_state(voice_state, len(ids) + progress.max_frames, copy_state)
+        sampler, temps = self.sampler, [temp]
+        sampler.prompt_text(torch.tensor([ids], dtype=torch.long), state, temps)
+        latent = sampler.bos
+        while not progress.exhausted:
+            frame = sampler.step(latent, state, temps, self.eos_threshold)
+            if not progress.accept(frame.eos[0]):
                 return
-            latent = flow_lm.sample(hidden, self._noise(temp), time_conditions)[:, None]
-            yield LatentStep(latent, eos_logit, hidden)
-        logger.warning("no end of speech detected within %d frames; the chunk was cut", max_frames)
-
-    def _noise(self, temp: float) -> torch.Tensor:
-        shape = (1, self.flow_lm.latent_dim)
-        if temp == 0:
-            return torch.zeros(shape)
-        std = math.sqrt(temp)
-        if self.noise_clamp is None:
-            return torch.randn(shape) * std
-        return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-self.noise_clamp, b=self.noise_clamp)
+            latent = frame.latents[:, None]
+            yield LatentStep(latent, float(frame.eos_logits[0]), frame.hidden)
+        logger.warning("no end of speech detected within %d frames; the chunk was cut", progress.max_frames)
 
     def _chunk_state(self, voice_state: VoiceState, extra_positions: int, copy_state: bool) -> VoiceState:
         """A state whose caches hold the voice prompt and room for `extra_positions` more."""
