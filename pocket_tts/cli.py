@@ -1,8 +1,27 @@
-"""The `pocket-tts` command line: generate speech, export voice states, enqueue jobs.
+"""The `pocket-tts` command line: generate speech and export voice states; service packages add more.
 
 The engine (and with it torch) is imported inside the commands that need it:
 `--threads` must reach POCKET_TTS_NUM_THREADS before the engine module is first
-imported, and `enqueue` must stay light enough to run where torch is not installed.
+imported.
+
+Commands of other packages (the worker queue's `enqueue` and `jobs`, the
+gateway's `serve`) come from the entry-point group `pocket_tts.commands`, so
+this engine package never imports the service. The contract of such a command:
+
+    # pyproject.toml
+    [project.entry-points."pocket_tts.commands"]
+    enqueue = "tasks.cli:add_enqueue_command"
+
+* The entry point's name is the command's name.
+* Its object is a callable `add(commands)` that receives the subparsers action
+  and adds the parser of that command with `commands.add_parser(name, help=...)`
+  and `parser.set_defaults(run=function)`; `function(args)` runs the command.
+* It is loaded only when its command is asked for (or for the command list of
+  `--help`), so keep module-level imports light. A command that cannot be
+  loaded still appears and fails with one line saying why.
+* `function` reports a failure by raising `CliError` (or `usage_error(...)`):
+  one `error: ...` line on stderr. Helpers for commands: `add_text_arguments`,
+  `read_text`, `ProgressLine`, `one_line`, `positive_float`, `non_negative_float`.
 
 Every failure ends with one `error: ...` line on stderr and exit code 2 for bad
 usage (arguments, text, output name) or 1 for a failure while running.
@@ -20,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from pocket_tts.threads import THREADS_ENV
 
@@ -30,6 +49,9 @@ REMOTE_PREFIXES = ("hf://", "http://", "https://")
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
+
+COMMANDS_GROUP = "pocket_tts.commands"  # entry points of other packages' commands
+DISTRIBUTION = "pocket-tts-workers"
 
 
 class CliError(Exception):
@@ -44,7 +66,7 @@ def usage_error(message: str) -> CliError:
     return CliError(message, USAGE_ERROR)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """An exception's message on one line (library messages may span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -73,8 +95,43 @@ def _checked_number(convert: Callable[[str], float], is_valid: Callable[[float],
 
 _positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
-_non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-_positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = _checked_number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+positive_float = _checked_number(float, lambda v: 0 < v < math.inf, "a positive number")
+
+
+class ProgressLine:
+    """Progress of a long-running command on stderr; `enabled=False` (--quiet) silences it.
+
+    On a terminal one line is rewritten in place every `TTY_INTERVAL` s; elsewhere
+    (logs, pipes) a full line is written every `LOG_INTERVAL` s. Nothing is shown
+    during the first interval, so short commands print no progress at all.
+    """
+
+    TTY_INTERVAL = 0.5
+    LOG_INTERVAL = 5.0
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None, interval: float | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.in_place = self.stream.isatty()
+        self.interval = interval if interval is not None else self.TTY_INTERVAL if self.in_place else self.LOG_INTERVAL
+        self._next = time.monotonic() + self.interval
+        self._shown = False
+
+    def update(self, message: str, now: bool = False) -> None:
+        """Show `message` if an interval has passed since the last one (`now`: at once)."""
+        if not self.enabled or (not now and time.monotonic() < self._next):
+            return
+        self._next = time.monotonic() + self.interval
+        self.stream.write(f"\r\033[K{message}" if self.in_place else f"{message}\n")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        """Erase the in-place line, so that what the command prints next starts clean."""
+        if self._shown and self.in_place:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +193,7 @@ def _load_model(args: argparse.Namespace, **settings):
     )
 
 
-def _read_text(args: argparse.Namespace) -> str:
+def read_text(args: argparse.Namespace) -> str:
     if args.text is not None and args.text_option is not None:
         raise usage_error("give the text either as an argument or with --text, not both")
     text = args.text if args.text is not None else args.text_option
@@ -185,7 +242,7 @@ def _output_format(path: Path) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    text = _read_text(args)
+    text = read_text(args)
     output = Path(args.output).expanduser()
     audio_format = _output_format(output)
     _check_language(args.language)
@@ -204,6 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         chunks = []
         first_chunk_seconds = None
+        generated_samples = 0
+        progress = ProgressLine(enabled=not args.quiet)
         started = time.perf_counter()
         for chunk in model.generate_audio_stream(
             voice_state, text, max_tokens=args.max_tokens, frames_after_eos=args.frames_after_eos
@@ -211,6 +270,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if first_chunk_seconds is None:
                 first_chunk_seconds = time.perf_counter() - started
             chunks.append(chunk)
+            generated_samples += chunk.shape[-1]
+            progress.update(
+                f"generating: {generated_samples / model.sample_rate:.1f} s of audio "
+                f"in {time.perf_counter() - started:.1f} s"
+            )
+        progress.close()
         generation_seconds = time.perf_counter() - started
         if not chunks:
             raise CliError("the model generated no audio")
@@ -251,41 +316,27 @@ def cmd_export_voice(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------
-# enqueue
-# ---------------------------------------------------------------------------
-
-
-def cmd_enqueue(args: argparse.Namespace) -> None:
-    text = _read_text(args)
-    # Without --timeout the client's own default applies.
-    wait_limit = {} if args.timeout is None else {"timeout": args.timeout}
-    try:
-        from tasks.client import enqueue
-
-        result = enqueue(
-            text, voice=args.voice, temperature=args.temperature, format=args.format, wait=args.wait, **wait_limit
-        )
-    except Exception as exc:  # noqa: BLE001 - a missing client, the broker, the job: all end the command alike
-        raise CliError(f"could not enqueue the job: {_one_line(exc)}") from None
-    print(result)
-
-
-# ---------------------------------------------------------------------------
 # Parser and entry point
 # ---------------------------------------------------------------------------
 
 
-def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", help="text to speak; '-' or nothing reads stdin")
     parser.add_argument("--text", dest="text_option", metavar="TEXT", help="text to speak")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pocket-tts", description="Pocket TTS on the CPU.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_engine_commands(commands) -> None:
     generate = commands.add_parser("generate", help="speak a text into an audio file")
-    _add_text_arguments(generate)
+    add_text_arguments(generate)
     generate.add_argument(
         "--voice",
         default=DEFAULT_VOICE,
@@ -297,10 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="output file; .wav, .flac or .ogg picks the format (default: ./tts_output.wav)",
     )
     _add_model_options(generate)
-    generate.add_argument("--temperature", type=_non_negative_float, help="sampling temperature (default: the model's)")
+    generate.add_argument("--temperature", type=non_negative_float, help="sampling temperature (default: the model's)")
     generate.add_argument("--max-tokens", type=_positive_int, default=50, help="tokens per text chunk")
     generate.add_argument("--frames-after-eos", type=_non_negative_int, help="frames kept after end of speech")
     generate.add_argument("--eos-threshold", type=float, help="end-of-speech logit threshold (default: the model's)")
+    generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
     generate.set_defaults(run=cmd_generate)
 
     export = commands.add_parser("export-voice", help="save the voice state of an audio prompt")
@@ -309,14 +361,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(export)
     export.set_defaults(run=cmd_export_voice)
 
-    enqueue = commands.add_parser("enqueue", help="submit a job to the worker queue")
-    _add_text_arguments(enqueue)
-    enqueue.add_argument("--voice", help="voice for the job (default: the worker's)")
-    enqueue.add_argument("--temperature", type=_non_negative_float, help="sampling temperature (default: the worker's)")
-    enqueue.add_argument("--format", default="wav", help="audio format of the result (default: wav)")
-    enqueue.add_argument("--wait", action="store_true", help="wait for the job to finish")
-    enqueue.add_argument("--timeout", type=_positive_float, help="seconds to wait with --wait")
-    enqueue.set_defaults(run=cmd_enqueue)
+
+def _add_unavailable_command(commands, name: str, reason: str) -> None:
+    """A command whose package failed to load: listed, and failing with one line when run."""
+    parser = commands.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+    parser.add_argument("ignored", nargs=argparse.REMAINDER)
+
+    def run(_args: argparse.Namespace) -> None:
+        raise CliError(f"the {name!r} command is unavailable: {reason}")
+
+    parser.set_defaults(run=run)
+
+
+def _add_package_commands(commands, wanted: str | None) -> None:
+    """Commands registered in the `pocket_tts.commands` entry-point group (see the module docstring).
+
+    Only `wanted`'s entry point is loaded when it names one; all of them for the
+    command list (no command, or an unknown one).
+    """
+    from importlib.metadata import entry_points
+
+    entries = {}
+    for entry in entry_points(group=COMMANDS_GROUP):
+        if entry.name not in commands.choices:  # built-in names win; the first installed copy wins
+            entries.setdefault(entry.name, entry)
+    if wanted in entries:
+        entries = {wanted: entries[wanted]}
+    for name, entry in entries.items():
+        try:
+            entry.load()(commands)
+        except Exception as exc:  # noqa: BLE001 - a broken package must not take the other commands down
+            if name not in commands.choices:
+                _add_unavailable_command(commands, name, one_line(exc))
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `argv` (default: sys.argv[1:]) decides which packages' commands are loaded."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _Parser(prog="pocket-tts", description="Pocket TTS on the CPU.")
+    parser.add_argument("--version", action="version", version=f"pocket-tts {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_engine_commands(commands)
+    wanted = next((arg for arg in argv if not arg.startswith("-")), None)
+    if wanted not in commands.choices:
+        _add_package_commands(commands, wanted)
     return parser
 
 
@@ -324,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     # The engine's warnings (e.g. a chunk cut at its length limit) as labelled lines on stderr.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         args.run(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -334,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
         # Engine, file and audio-library failures: the message is the useful part.
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return RUNTIME_ERROR
     return 0
 

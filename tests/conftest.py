@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,32 @@ def find_parity_dir() -> Path | None:
         if candidate and (Path(candidate) / "cases.json").is_file():
             return Path(candidate)
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_commands(tmp_path_factory) -> Path:
+    """This checkout's `pocket_tts.commands` entry points, visible to this process and its subprocesses.
+
+    The installed project may be another copy (or older): a dist-info folder built from
+    pyproject.toml, first on sys.path and PYTHONPATH, makes `pocket-tts` find this checkout's
+    service commands without reinstalling.
+    """
+    groups = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    folder = tmp_path_factory.mktemp("entry-points")
+    dist_info = folder / "pocket_tts_checkout_commands-0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: pocket-tts-checkout-commands\nVersion: 0\n")
+    lines = [f"[{group}]" + "".join(f"\n{name} = {target}" for name, target in entries.items()) for group, entries in groups.items()]
+    (dist_info / "entry_points.txt").write_text("\n\n".join(lines) + "\n")
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), old_path]))
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+    if old_path is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = old_path
 
 
 @pytest.fixture(scope="session")

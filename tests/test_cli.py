@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import ast
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+
+from pocket_tts.cli import ProgressLine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,34 +151,76 @@ def test_export_voice_bad_input_is_one_error_line(tmp_path, small_model, output_
     assert not list(tmp_path.iterdir())
 
 
-FAKE_QUEUE_CLIENT = """
-import json, sys
+PLUGIN_MODULE = """
+from pathlib import Path
 
-def enqueue(text, voice=None, temperature=None, format="wav", wait=False, timeout=None):
-    record = dict(text=text, voice=voice, temperature=temperature, format=format, wait=wait,
-                  timeout=timeout, torch_imported="torch" in sys.modules)
-    with open("enqueued.json", "w") as f:
-        json.dump(record, f)
-    return "job-123"
+Path("plugin-imported").touch()
+
+def add_hello(commands):
+    parser = commands.add_parser("hello", help="say hello")
+    parser.add_argument("name")
+    parser.set_defaults(run=lambda args: print(f"hello {args.name}"))
+
+def add_broken(commands):
+    raise ImportError("No module named 'fastapi'")
 """
 
 
-def test_enqueue_passes_the_job_to_the_queue_client_without_torch(tmp_path):
-    # A stand-in `tasks` package in the working directory shadows the real one.
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "__init__.py").write_text("")
-    (tmp_path / "tasks" / "client.py").write_text(FAKE_QUEUE_CLIENT)
-    result = run_cli(
-        "enqueue", "Queued words.", "--voice", "marius", "--temperature", "0.5", "--format", "flac",
-        "--wait", "--timeout", "30", cwd=tmp_path,
-    )  # fmt: skip
+@pytest.fixture
+def plugin_dir(tmp_path) -> Path:
+    """A package registering `hello` and a `broken` command through the `pocket_tts.commands` entry points."""
+    (tmp_path / "demo_commands.py").write_text(PLUGIN_MODULE)
+    dist_info = tmp_path / "demo_commands-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-commands\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[pocket_tts.commands]\nhello = demo_commands:add_hello\nbroken = demo_commands:add_broken\n"
+    )
+    return tmp_path
+
+
+def test_packages_add_commands_through_entry_points(plugin_dir):
+    hello = run_cli("hello", "world", cwd=plugin_dir)
+    assert (hello.returncode, hello.stdout) == (0, "hello world\n"), hello.stderr
+
+    listing = run_cli("--help", cwd=plugin_dir)
+    assert "hello" in listing.stdout and "unavailable: No module named 'fastapi'" in listing.stdout
+
+    assert_one_error_line(run_cli("broken", "x", cwd=plugin_dir), 1, "'broken' command is unavailable: No module")
+
+
+def test_engine_commands_load_no_other_package(plugin_dir):
+    result = run_cli("generate", "--temperature", "-1", cwd=plugin_dir)
+    assert_one_error_line(result, 2, "--temperature")
+    assert not (plugin_dir / "plugin-imported").exists()
+
+
+def test_the_engine_package_never_imports_the_service():
+    service_packages = {"tasks", "worker_config", "gateway"}
+    for module in (REPO_ROOT / "pocket_tts").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {name.split(".")[0] for name in names} & service_packages, module
+
+
+def test_version_and_python_dash_m():
+    result = subprocess.run(
+        [sys.executable, "-m", "pocket_tts", "--version"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "job-123"
-    record = json.loads((tmp_path / "enqueued.json").read_text())
-    assert record == {
-        "text": "Queued words.", "voice": "marius", "temperature": 0.5, "format": "flac",
-        "wait": True, "timeout": 30.0, "torch_imported": False,
-    }  # fmt: skip
+    assert result.stdout.startswith("pocket-tts ") and result.stdout.split()[1][0].isdigit()
+    assert "enqueue" in run_cli("--help").stdout  # the service's commands, from this checkout's entry points
+
+
+def test_progress_line_waits_one_interval_and_can_be_silenced():
+    stream = io.StringIO()
+    progress = ProgressLine(stream=stream, interval=60)
+    progress.update("too early")
+    progress.update("a state change", now=True)
+    ProgressLine(enabled=False, stream=stream, interval=0).update("quiet", now=True)
+    progress.close()
+    assert stream.getvalue() == "a state change\n"
 
 
 def test_usage_errors_are_one_line():

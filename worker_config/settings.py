@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from celery.app.backends import BACKEND_ALIASES
+from kombu.transport import TRANSPORT_ALIASES
 
 from pocket_tts.threads import threads_from_env
 from worker_config.cpu_budget import (
@@ -25,6 +30,11 @@ from worker_config.cpu_budget import (
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default, the floor of ours
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password replaced by ** (for messages and logs)."""
+    return re.sub(r"(?<=:)[^:@/]*(?=@)", "**", url, count=1)
 
 
 class SettingsError(ValueError):
@@ -117,6 +127,21 @@ class _Env:
     def seconds(self, name: str, default: float, minimum: float = 0) -> float:
         return self._number(name, default, float, minimum, "a number of seconds")
 
+    def url(self, name: str, default: str, schemes) -> str:
+        """A broker or backend URL whose scheme Celery knows (password masked in the error)."""
+        url = self.text(name) or default
+        shown = masked_url(url)
+        scheme, separator, _ = url.partition("://")
+        if not separator or not scheme:
+            raise SettingsError(f"{name}={shown!r} is not a URL: expected e.g. redis://:password@host:6379/0")
+        if scheme.split("+")[0] not in schemes:
+            raise SettingsError(f"{name}={shown!r}: unknown transport {scheme!r} (expected e.g. redis://)")
+        try:
+            urlsplit(url).port
+        except ValueError as exc:
+            raise SettingsError(f"{name}={shown!r}: bad port ({exc})") from None
+        return url
+
     def flag(self, name: str) -> bool:
         raw = (self.text(name) or "0").lower()
         if raw in ("1", "true", "yes", "on"):
@@ -136,7 +161,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 
-    broker_url = env.text("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+    broker_url = env.url("CELERY_BROKER_URL", DEFAULT_BROKER_URL, TRANSPORT_ALIASES)
     language, config = env.text("POCKET_TTS_LANGUAGE"), env.text("POCKET_TTS_CONFIG")
     if language and config:
         raise SettingsError("set either POCKET_TTS_LANGUAGE or POCKET_TTS_CONFIG, not both")
@@ -165,7 +190,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     )
     return Settings(
         broker_url=broker_url,
-        result_backend=env.text("CELERY_RESULT_BACKEND") or broker_url,
+        result_backend=env.url("CELERY_RESULT_BACKEND", broker_url, BACKEND_ALIASES),
         storage_dir=Path(env.text("POCKET_TTS_STORAGE_DIR") or "audio").expanduser().absolute(),
         num_threads=num_threads,
         concurrency=concurrency,
