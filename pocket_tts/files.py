@@ -7,10 +7,18 @@ touch the network.
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HF_PREFIX = "hf://"
+# A file missing from the cache is fetched only if the hub's host answers within this many
+# seconds: without the check, huggingface_hub retries an unreachable hub for ~24 s per file.
+HUB_PROBE_TIMEOUT = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class ModelFileError(FileNotFoundError):
@@ -60,10 +68,49 @@ def resolve_file(spec: str | Path, what: str, relative_to: Path | None = None) -
     return path
 
 
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the hub's host cannot be reached (name lookup or TCP connect), or None when it answers.
+
+    Behind a proxy the host is not probed (None): only the proxy knows the way.
+    """
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    # The name lookup has no timeout of its own: the thread bounds it.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if not outcome:
+        return f"{address[0]}:{address[1]} did not answer within {timeout:g} s"
+    error = outcome[0]
+    return None if error is None else f"{address[0]}:{address[1]}: {error.strerror or error}"
+
+
 def _download(hub_file: HubFile, what: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cached = try_to_load_from_cache(hub_file.repo_id, hub_file.filename, revision=hub_file.revision)
+    if not constants.HF_HUB_OFFLINE and not isinstance(cached, str):
+        reason = hub_unreachable_reason()
+        if reason is not None:
+            raise ModelFileError(
+                f"{what} {hub_file} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+                f"cannot be reached ({reason}); pass local files instead, or fill the cache where the hub is "
+                f"reachable (HF_HUB_OFFLINE=1 then reads only the cache)"
+            )
     try:
         return Path(
             hf_hub_download(hub_file.repo_id, hub_file.filename, revision=hub_file.revision)

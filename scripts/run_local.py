@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -119,6 +120,12 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def worker_refusal(message: str) -> str | None:
+    """The one-line reason a worker gave for refusing to start (model, voice, settings), if it gave one."""
+    found = re.search(r"CRITICAL/MainProcess\] pocket-tts worker: (.*)", message)
+    return found.group(1) if found else None
+
+
 def main() -> int:
     args = parse_args()
     try:
@@ -128,6 +135,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pocket-tts-local-") as logs:
             path = synthesize_locally(args, Path(logs))
     except (local_stack.StackError, ValueError) as exc:  # ValueError: an invalid POCKET_TTS_* setting
+        refusal = worker_refusal(str(exc))
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            if not args.random_weights:
+                print("no network? --random-weights runs the same pipeline on random weights (noise)", file=sys.stderr)
+            return 1
         first, _, rest = str(exc).partition("\n")
         print(f"error: {first}", file=sys.stderr)
         if rest:

@@ -17,7 +17,8 @@ import sys
 
 from celery import Celery, signals
 
-from tasks.engine import configure_torch_threads, load_engine
+from tasks import control  # noqa: F401 - registers the health probe and the budget-guarded pool commands
+from tasks.engine import DefaultVoiceError, configure_torch_threads, describe_model, load_engine
 from worker_config import OversubscriptionError, Settings, check_thread_budget, current_settings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ def prepare_worker_parent(sender, instance, **_):
             f"POCKET_TTS_MAX_BATCH={settings.max_batch} batches the jobs of one process's pool threads: "
             "start the worker with --pool=threads (or set POCKET_TTS_MAX_BATCH=1 for prefork)"
         )
-    budget = settings.thread_budget(instance.concurrency)
+    # --autoscale=MAX,MIN may grow the pool to MAX: the budget must hold for that.
+    autoscale = getattr(instance, "autoscale", None)
+    budget = settings.thread_budget(max(instance.concurrency, autoscale[0] if autoscale else 0))
     try:
         warning = check_thread_budget(budget, settings.allow_oversubscribe)
     except OversubscriptionError as exc:
@@ -124,7 +127,37 @@ def configure_child(**_):
 
 
 def _load_model(where: str, num_threads: int | None = None) -> None:
+    """Load the model and the default voice, or stop the worker (exit 78) with one line saying why and the fix.
+
+    With POCKET_TTS_START_WITHOUT_MODEL=1 the worker stays up instead: its children and jobs retry the
+    load, and the jobs report the error (the healthcheck keeps calling the worker unhealthy).
+    """
+    settings = current_settings()
     try:
-        load_engine(current_settings(), num_threads)
-    except Exception:  # the worker stays up; its jobs retry the load and report the error
-        logger.exception("pocket-tts: model failed to load in process %d (%s)", os.getpid(), where)
+        load_engine(settings, num_threads)
+    except Exception as exc:
+        if settings.start_without_model:
+            logger.exception("pocket-tts: model failed to load in process %d (%s)", os.getpid(), where)
+            return
+        _refuse_to_start(load_failure(settings, exc))
+
+
+def load_failure(settings: Settings, exc: Exception) -> str:
+    """One line: what failed to load, why, and how to fix it."""
+    from pocket_tts.files import ModelFileError  # torch-free
+
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    failure = f"the model ({describe_model(settings)}) could not be loaded: {reason}"
+    if isinstance(exc, DefaultVoiceError):
+        failure, fix = reason, "name a voice of the model's catalog or a file in POCKET_TTS_VOICES_DIR"
+    elif isinstance(exc, ModelFileError):
+        fix = (
+            "point POCKET_TTS_CONFIG / POCKET_TTS_WEIGHTS at local files (compose: in POCKET_TTS_MODELS_HOST_DIR, "
+            "mounted on /models), or set HF_HUB_OFFLINE=1 with the files in the HF_HOME cache"
+        )
+    else:
+        fix = "check POCKET_TTS_LANGUAGE / POCKET_TTS_CONFIG / POCKET_TTS_WEIGHTS"
+    return (
+        f"{failure}. Fix: {fix}; "
+        "or set POCKET_TTS_START_WITHOUT_MODEL=1 to start anyway (jobs then retry the load and report the error)"
+    )

@@ -27,6 +27,10 @@ _load_lock = threading.Lock()
 _engine: Engine | None = None
 
 
+class DefaultVoiceError(RuntimeError):
+    """POCKET_TTS_DEFAULT_VOICE names a voice the loaded model cannot use."""
+
+
 class Engine:
     def __init__(self, model, description: str, voice_cache_size: int, max_batch: int = 1):
         self.model = model
@@ -53,11 +57,15 @@ class Engine:
 
     def preload_voice(self, settings: Settings) -> None:
         """Cache the default voice's state: loaded before forking, the children share it (and, for an
-        audio prompt, the Mimi encoder's packed weights). A voice that fails is reported by its jobs."""
+        audio prompt, the Mimi encoder's packed weights). A voice that fails stops the worker, unless
+        POCKET_TTS_START_WITHOUT_MODEL=1: then it is logged and reported by its jobs."""
         try:
             self.voice_state(resolve_voice(settings.default_voice, settings.voices_dir))
-        except Exception as exc:  # best effort: never stops the model from loading
-            logger.warning("pocket-tts: default voice %r not preloaded: %s", settings.default_voice, exc)
+        except Exception as exc:
+            message = f"the default voice {settings.default_voice!r} (POCKET_TTS_DEFAULT_VOICE) cannot be used: {exc}"
+            if not settings.start_without_model:
+                raise DefaultVoiceError(" ".join(message.split())) from None
+            logger.warning("pocket-tts: %s", message)
 
     @property
     def sample_rate(self) -> int:
@@ -135,6 +143,11 @@ def load_engine(settings: Settings, num_threads: int | None = None) -> Engine:
             _engine = Engine.load(settings, settings.num_threads if num_threads is None else num_threads)
             logger.info("pocket-tts model ready in process %d: %s", os.getpid(), _engine.description)
         return _engine
+
+
+def loaded_engine() -> Engine | None:
+    """This process's engine if it is loaded (never loads it)."""
+    return _engine
 
 
 def process_info() -> dict:

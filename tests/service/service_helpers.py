@@ -57,6 +57,16 @@ def start_worker(env, logs_dir: Path, name: str, *args: str) -> subprocess.Popen
     return local_stack.start_worker(env, logs_dir / f"{name}.log", name, *args).process
 
 
+def run_until_exit(env, logs_dir: Path, name: str, *args: str) -> tuple[int, str]:
+    """Start a worker that is expected to refuse to start; its exit code and log."""
+    process = start_worker(env, logs_dir, name, *args)
+    try:
+        returncode = process.wait(timeout=60)
+    finally:
+        stop_process_group(process)
+    return returncode, (logs_dir / f"{name}.log").read_text()
+
+
 def wait_children_ready(worker: Worker, client_app, timeout: float = WORKER_START_TIMEOUT) -> dict[int, dict]:
     """worker_info of every child of `worker`, once each has loaded its model."""
     return worker.wait_children_ready(client_app, timeout)

@@ -18,8 +18,7 @@ from service_helpers import (
     REPO_ROOT,
     TEST_MAX_DELIVERIES,
     assert_audio_matches,
-    start_worker,
-    stop_process_group,
+    run_until_exit,
     wait_children_ready,
 )
 
@@ -33,16 +32,6 @@ def run_job(client_app, text, **kwargs):
     result = client_app.send_task("pocket_tts.synthesize", args=(text,), kwargs=kwargs)
     result.get(timeout=JOB_TIMEOUT, propagate=False)
     return result
-
-
-def run_until_exit(env, logs_dir: Path, name: str, *args: str) -> tuple[int, str]:
-    """Start a worker that is expected to refuse to start; its exit code and log."""
-    process = start_worker(env, logs_dir, name, *args)
-    try:
-        returncode = process.wait(timeout=60)
-    finally:
-        stop_process_group(process)
-    return returncode, (logs_dir / f"{name}.log").read_text()
 
 
 def job_starts(service_files, task_id: str) -> list[tuple[int, float]]:

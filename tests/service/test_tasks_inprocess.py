@@ -101,14 +101,18 @@ def test_unwritable_storage_fails_the_job_clearly(celery_session_worker, inproce
 def test_the_default_voice_is_cached_when_the_model_loads(inprocess_settings, caplog):
     from dataclasses import replace
 
-    from tasks.engine import Engine
+    from tasks.engine import DefaultVoiceError, Engine
     from tasks.validation import resolve_voice
 
     engine = Engine.load(inprocess_settings, num_threads=1)
     engine.model.get_state_for_audio_prompt = lambda voice: pytest.fail(f"{voice} loaded again")
     assert engine.voice_state(resolve_voice(inprocess_settings.default_voice, inprocess_settings.voices_dir))
 
-    # A default voice that cannot be loaded is only reported: its jobs fail clearly, the others run.
+    # A default voice that cannot be loaded stops the worker, unless it opted in to start without it:
+    # then it is only reported (its jobs fail clearly, the others run).
+    missing = replace(inprocess_settings, default_voice="missing.wav")
+    with pytest.raises(DefaultVoiceError, match="default voice 'missing.wav' .* cannot be used: unknown voice"):
+        Engine.load(missing, num_threads=1)
     with caplog.at_level("WARNING"):
-        engine = Engine.load(replace(inprocess_settings, default_voice="missing.wav"), num_threads=1)
-    assert "default voice 'missing.wav' not preloaded: unknown voice" in caplog.text
+        Engine.load(replace(missing, start_without_model=True), num_threads=1)
+    assert "default voice 'missing.wav' (POCKET_TTS_DEFAULT_VOICE) cannot be used: unknown voice" in caplog.text
