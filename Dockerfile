@@ -37,18 +37,13 @@ RUN useradd --create-home --uid 10001 --user-group app \
 WORKDIR /app
 
 # Dependencies first, in their own layer: a change to the code reuses it (measured in docs/deployment.md).
-# torch comes from TORCH_INDEX_URL, everything else from pip's usual sources, both read from pyproject.toml.
-COPY pyproject.toml ./
-RUN python -c "import sys, tomllib; \
-project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-wanted = project['dependencies'] + [d for e in sys.argv[1].split(',') if e for d in project['optional-dependencies'][e]]; \
-is_torch = lambda d: d.replace(' ', '').startswith(('torch>', 'torch=', 'torch<', 'torch;')) or d == 'torch'; \
-open('/tmp/torch.txt', 'w').write('\n'.join(d for d in wanted if is_torch(d))); \
-build = tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']; \
-open('/tmp/requirements.txt', 'w').write('\n'.join([d for d in wanted if not is_torch(d)] + build))" "$EXTRAS" \
+# torch comes from TORCH_INDEX_URL, everything else from pip's usual sources; both lists from pyproject.toml.
+COPY pyproject.toml docker/requirements.py ./
+RUN python requirements.py torch > /tmp/torch.txt \
+    && python requirements.py others "$EXTRAS" > /tmp/requirements.txt \
     && pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/torch.txt /tmp/requirements.txt
+    && rm requirements.py /tmp/torch.txt /tmp/requirements.txt
 
 # The code: only the packages (no tests, benchmarks or dev-stack helpers, see .dockerignore);
 # no dependency is resolved here, so this layer needs no package index.

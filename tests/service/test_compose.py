@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -89,9 +90,31 @@ def test_secrets_must_be_given(missing):
     assert run.returncode != 0 and f"set {missing}" in run.stderr
 
 
-def test_the_image_uses_cpu_only_torch_and_a_non_root_user():
+def test_the_image_takes_pip_sources_as_build_args_and_installs_dependencies_before_the_code():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    first_install = dockerfile.index("pip install")
+    for arg in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        assert re.search(rf"^ARG {arg}$", dockerfile, re.M).start() < first_install  # unset unless given
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", dockerfile, re.M)
+    assert '--index-url "$TORCH_INDEX_URL"' in dockerfile
+    code_copied = dockerfile.index("COPY pocket_tts")
+    assert first_install < code_copied < dockerfile.index("pip install --no-deps --no-build-isolation .")
+    assert re.search(r"^USER app$", dockerfile, re.M).start() > code_copied
 
-    assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile
-    assert re.search(r"^USER app$", dockerfile, re.M)
-    assert dockerfile.index("USER app") > dockerfile.index('pip install ".[flower]"')
+
+def test_the_dependency_layer_reads_pyproject(tmp_path):
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path)
+    script = str(REPO_ROOT / "docker" / "requirements.py")
+    torch = subprocess.run([sys.executable, script, "torch"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    others = subprocess.run(
+        [sys.executable, script, "others", "flower"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+
+    assert torch.stdout.split() == ["torch>=2.4,<2.14"]
+    assert {"celery[redis]>=5.7,<6", "flower>=2.0", "setuptools>=68"} <= set(others.stdout.split())
+    assert not any(line.startswith("torch") for line in others.stdout.split())
+
+
+def test_tests_and_benchmarks_stay_out_of_the_image():
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {"tests", "scripts", "tasks/local_stack.py"} <= set(ignored)
