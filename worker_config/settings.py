@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery.app.backends import BACKEND_ALIASES
 from kombu.transport import TRANSPORT_ALIASES
@@ -30,6 +30,15 @@ from worker_config.cpu_budget import (
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default, the floor of ours
+
+
+def with_password(url: str, password: str | None) -> str:
+    """`url` with `password` inserted when it has none (redis://host/0 -> redis://:password@host/0)."""
+    parts = urlsplit(url)
+    if password is None or parts.password is not None or not parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{host}"))
 
 
 def masked_url(url: str) -> str:
@@ -143,6 +152,19 @@ class _Env:
             raise SettingsError(f"{name}={shown!r}: bad port ({exc})") from None
         return url
 
+    def secret(self, name: str) -> str | None:
+        """The content of the file `name` points to (stripped), e.g. a compose secret under /run/secrets."""
+        path = self.text(name)
+        if path is None:
+            return None
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{name}={path}: cannot read the file: {exc.strerror or exc}") from None
+        if not value:
+            raise SettingsError(f"{name}={path}: the file is empty")
+        return value
+
     def flag(self, name: str) -> bool:
         raw = (self.text(name) or "0").lower()
         if raw in ("1", "true", "yes", "on"):
@@ -162,7 +184,9 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 
-    broker_url = env.url("CELERY_BROKER_URL", DEFAULT_BROKER_URL, TRANSPORT_ALIASES)
+    # The password from a file keeps it out of the environment (and `docker inspect`).
+    redis_password = env.secret("REDIS_PASSWORD_FILE")
+    broker_url = with_password(env.url("CELERY_BROKER_URL", DEFAULT_BROKER_URL, TRANSPORT_ALIASES), redis_password)
     language, config = env.text("POCKET_TTS_LANGUAGE"), env.text("POCKET_TTS_CONFIG")
     if language and config:
         raise SettingsError("set either POCKET_TTS_LANGUAGE or POCKET_TTS_CONFIG, not both")
@@ -191,7 +215,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     )
     return Settings(
         broker_url=broker_url,
-        result_backend=env.url("CELERY_RESULT_BACKEND", broker_url, BACKEND_ALIASES),
+        result_backend=with_password(env.url("CELERY_RESULT_BACKEND", broker_url, BACKEND_ALIASES), redis_password),
         storage_dir=Path(env.text("POCKET_TTS_STORAGE_DIR") or "audio").expanduser().absolute(),
         num_threads=num_threads,
         concurrency=concurrency,

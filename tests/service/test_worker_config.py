@@ -43,6 +43,20 @@ def test_result_backend_defaults_to_the_brokers_redis():
     assert settings_from(CELERY_RESULT_BACKEND="redis://other/1").result_backend == "redis://other/1"
 
 
+def test_the_redis_password_can_come_from_a_file(tmp_path):
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/word\n")
+
+    settings = settings_from(CELERY_BROKER_URL="redis://redis:6379/0", REDIS_PASSWORD_FILE=secret)
+
+    assert settings.broker_url == settings.result_backend == "redis://:p%40ss%2Fword@redis:6379/0"
+    with pytest.raises(SettingsError, match=f"REDIS_PASSWORD_FILE={tmp_path}/nope: cannot read the file"):
+        settings_from(REDIS_PASSWORD_FILE=tmp_path / "nope")
+    secret.write_text("\n")
+    with pytest.raises(SettingsError, match="REDIS_PASSWORD_FILE=.* the file is empty"):
+        settings_from(REDIS_PASSWORD_FILE=secret)
+
+
 @pytest.mark.parametrize(
     "threads, cpus, concurrency",
     [(1, 4, 4), (2, 4, 2), (3, 4, 1), (8, 4, 1), (2, 5, 2)],
@@ -64,6 +78,10 @@ def test_default_concurrency_is_usable_cpus_over_threads(threads, cpus, concurre
         ({"POCKET_TTS_ALLOW_OVERSUBSCRIBE": "maybe"}, "POCKET_TTS_ALLOW_OVERSUBSCRIBE must be 1/0"),
         ({"POCKET_TTS_LANGUAGE": "english", "POCKET_TTS_CONFIG": "c.yaml"}, "either POCKET_TTS_LANGUAGE or"),
         ({"POCKET_TTS_VISIBILITY_TIMEOUT": "100"}, "must be at least twice the longest hard time limit"),
+        ({"CELERY_BROKER_URL": "notaurl"}, "CELERY_BROKER_URL='notaurl' is not a URL"),
+        ({"CELERY_BROKER_URL": "redis://:pw@h:99999/0"}, r"CELERY_BROKER_URL='redis://:\*\*@h:99999/0': bad port"),
+        ({"CELERY_RESULT_BACKEND": "nosuch://h/0"}, "CELERY_RESULT_BACKEND='nosuch://h/0': unknown transport"),
+        ({"POCKET_TTS_START_WITHOUT_MODEL": "sometimes"}, "POCKET_TTS_START_WITHOUT_MODEL must be 1/0"),
     ],
 )
 def test_invalid_values_name_the_variable(env, message):
