@@ -26,7 +26,7 @@ import torch
 from pocket_tts.models.flow_lm import VoiceState
 from pocket_tts.models.mimi import MimiDecoderState, concat_decoder_states, select_decoder_rows
 from pocket_tts.models.sampling import ChunkProgress
-from pocket_tts.models.tts_model import MAX_TOKENS_PER_CHUNK, TTSModel
+from pocket_tts.models.tts_model import MAX_TOKENS_PER_CHUNK, TTSModel, chunk_generators
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class _Stream:
     ids: list[int]
     temp: float
     progress: ChunkProgress
+    generator: torch.Generator | None  # the chunk's own noise source (a seeded request); None: the global one
     latent: torch.Tensor | None = None  # last emitted latent, the next step's input (flow space)
     done: bool = False
 
@@ -68,8 +69,12 @@ class BatchedSynthesizer:
 
     # ------------------------------------------------------------------ public API
     def submit(self, voice_state: VoiceState, text: str, temp: float | None = None,
-               max_tokens: int = MAX_TOKENS_PER_CHUNK, frames_after_eos: int | None = None) -> Future:  # fmt: skip
+               max_tokens: int = MAX_TOKENS_PER_CHUNK, frames_after_eos: int | None = None,
+               seed: int | None = None) -> Future:  # fmt: skip
         """Queue one utterance; the future's result is its 1-D float32 audio.
+
+        With `seed`, each chunk draws its noise from its own generator, as `generate_audio`
+        does: the same seed gives the same audio whatever else shares the batch.
 
         Text errors (empty text, bad options) raise here, in the caller's thread.
         """
@@ -78,8 +83,8 @@ class BatchedSynthesizer:
         chunks = model.text_chunks(text, max_tokens, frames_after_eos)
         request = _Request(Future(), [[] for _ in chunks], len(chunks))
         streams = [
-            _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))))
-            for index, (ids, after_eos) in enumerate(chunks)
+            _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))), generator)
+            for index, ((ids, after_eos), generator) in enumerate(zip(chunks, chunk_generators(seed, len(chunks))))
         ]
         self._ensure_running()
         for stream in streams:
@@ -155,7 +160,8 @@ class BatchedSynthesizer:
             cache["cache"][:, row, :voice_len] = voice["cache"][:, 0, :voice_len]
             cache["offset"][row] = voice_len
             cache["pad"][row] = voice["pad"].view(-1)[0]
-        model.sampler.prompt_text(torch.tensor([stream.ids], dtype=torch.long), self._views(slice(row, row + 1)), [stream.temp])
+        model.sampler.prompt_text(torch.tensor([stream.ids], dtype=torch.long), self._views(slice(row, row + 1)),
+                                  [stream.temp], None if stream.generator is None else [stream.generator])  # fmt: skip
         fresh = model.mimi.init_decoder_state(1)
         self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
         self._streams.append(stream)
@@ -190,7 +196,9 @@ class BatchedSynthesizer:
         streams = self._streams
         n = len(streams)
         inputs = torch.cat([sampler.bos if s.latent is None else s.latent for s in streams])
-        frame = sampler.step(inputs, self._views(slice(0, n)), [s.temp for s in streams], model.eos_threshold)
+        generators = [s.generator for s in streams]
+        frame = sampler.step(inputs, self._views(slice(0, n)), [s.temp for s in streams], model.eos_threshold,
+                             generators if any(g is not None for g in generators) else None)  # fmt: skip
         for row, stream in enumerate(streams):
             if stream.progress.accept(frame.eos[row]):
                 stream.latent = frame.latents[row : row + 1, None]

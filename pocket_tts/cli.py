@@ -41,9 +41,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from pocket_tts.catalog import CUSTOM_MODEL_DEFAULT_VOICE, check_language, default_voice
 from pocket_tts.threads import THREADS_ENV
 
-DEFAULT_VOICE = "alba"
 DEFAULT_OUTPUT = "./tts_output.wav"
 REMOTE_PREFIXES = ("hf://", "http://", "https://")
 
@@ -141,14 +141,17 @@ class ProgressLine:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--language", help="a packaged model config (default: english)")
+    which.add_argument("--language", help="a shipped model by name, e.g. french or english_7m_2026-10 (default: english)")
     which.add_argument("--config", help="a model config .yaml (local path or hf://...)")
     parser.add_argument("--weights", help="model .safetensors to use instead of the config's weights")
-    parser.add_argument(
+    parser.add_argument("--checkpoint", help="training checkpoint (.pt) whose weights (EMA when saved) to use")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
         "--precision",
         choices=("float32", "bfloat16", "int8"),
         help="backbone weight format (default: POCKET_TTS_PRECISION, else float32)",
     )
+    precision.add_argument("--quantize", action="store_true", help="int8 backbone weights (same as --precision int8)")
     parser.add_argument(
         "--threads",
         type=_positive_int,
@@ -156,15 +159,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_language(language: str | None) -> None:
-    if language is None:
-        return
-    from pocket_tts.config import config_path_for_language
-
-    try:
-        config_path_for_language(language)
-    except ValueError as exc:
-        raise usage_error(str(exc)) from None
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Fail before loading anything on an unknown model name or a missing checkpoint."""
+    if args.language is not None:
+        try:
+            check_language(args.language)
+        except ValueError as exc:
+            raise usage_error(str(exc)) from None
+    if args.checkpoint is not None:
+        _check_local_file(args.checkpoint, "checkpoint")
 
 
 def _check_local_file(spec: str, what: str) -> None:
@@ -189,8 +192,9 @@ def _load_model(args: argparse.Namespace, **settings):
     from pocket_tts.models.tts_model import TTSModel
 
     return TTSModel.load_model(
-        language=args.language, config=args.config, weights=args.weights, precision=args.precision, **settings
-    )
+        language=args.language, config=args.config, weights=args.weights, checkpoint=args.checkpoint,
+        precision=args.precision, quantize=args.quantize, **settings,
+    )  # fmt: skip
 
 
 def read_text(args: argparse.Namespace) -> str:
@@ -245,7 +249,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     text = read_text(args)
     output = Path(args.output).expanduser()
     audio_format = _output_format(output)
-    _check_language(args.language)
+    _check_model_options(args)
+    if args.voice is None:  # the catalog's states fit only the released weights of a named model
+        custom = args.config is not None or args.checkpoint is not None
+        args.voice = CUSTOM_MODEL_DEFAULT_VOICE if custom else default_voice(args.language)
     if _looks_like_path(args.voice):
         _check_local_file(args.voice, "voice")
 
@@ -302,7 +309,7 @@ def cmd_export_voice(args: argparse.Namespace) -> None:
     output = Path(args.output).expanduser()
     if output.suffix != ".safetensors":
         raise usage_error(f"the voice state must be written to a .safetensors file, got {str(output)!r}")
-    _check_language(args.language)
+    _check_model_options(args)
     _check_local_file(args.audio, "audio")
 
     with _atomic_output(output, suffix=".safetensors") as tmp_output:
@@ -339,8 +346,8 @@ def _add_engine_commands(commands) -> None:
     add_text_arguments(generate)
     generate.add_argument(
         "--voice",
-        default=DEFAULT_VOICE,
-        help="predefined voice name, audio file, or exported .safetensors voice state (default: alba)",
+        help="predefined voice name, audio file, or exported .safetensors voice state (default: the language's "
+        "voice, e.g. alba for English, estelle for French; with --config or --checkpoint, alba's recording)",
     )
     generate.add_argument(
         "--output",

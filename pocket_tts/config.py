@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from pocket_tts.catalog import LANGUAGES, check_language
+
 CONFIGS_DIR = Path(__file__).parent / "config"
-DEFAULT_LANGUAGE = "english"
 HEAD_TYPES = ("lsd", "flow_matching", "drifting", "pointwise")  # flow_lm.flow.type
 
 
@@ -150,14 +151,12 @@ class ModelConfig(_Strict):
 
 
 def available_languages() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    """The names `load_model(language=...)` accepts: every model Kyutai ships."""
+    return sorted(LANGUAGES)
 
 
 def config_path_for_language(language: str) -> Path:
-    path = CONFIGS_DIR / f"{language}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown language {language!r}; available: {', '.join(available_languages())}")
-    return path
+    return CONFIGS_DIR / f"{check_language(language)}.yaml"
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -94,3 +94,30 @@ def assign_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], source
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"model tensors not provided by {source}: {', '.join(left[:5])}")
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors (`flow_lm.*`, and `mimi.*` when saved) of a training checkpoint (.pt).
+
+    Read with `weights_only=True`: tensors and plain containers only, never code. A run
+    that tracks an exponential moving average saves it under "ema"; it covers only the
+    trained parameters, so it is laid over "model" (frozen parts, e.g. a distilled
+    student's heads, exist only there).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a safetensors file, not a training checkpoint: pass it as weights")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle, zip and mmap errors all mean "not a loadable checkpoint"
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path} cannot be read as a training checkpoint ({type(exc).__name__}: {reason})") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict) or not model:
+        raise CheckpointError(f"training checkpoint {path} holds no 'model' weights")
+    ema = payload.get("ema")
+    tensors = {**model, **ema} if isinstance(ema, dict) else dict(model)
+    tensors = {k: v for k, v in tensors.items() if k.startswith(("flow_lm.", "mimi.")) and isinstance(v, torch.Tensor)}
+    if not any(k.startswith("flow_lm.") for k in tensors):
+        raise CheckpointError(f"training checkpoint {path} holds no flow_lm.* weights")
+    return tensors

@@ -128,8 +128,21 @@ def machine_info() -> dict:
 # ---------------------------------------------------------------------------
 
 
-def random_checkpoint(checkpoint_dir: Path) -> Path:
-    """config.yaml of the full-size English architecture with random weights in `checkpoint_dir`.
+def shipped_language(raw: str) -> str:
+    """An argparse type: the name of a model Kyutai ships (`--language`)."""
+    import argparse
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from pocket_tts.catalog import check_language
+
+    try:
+        return check_language(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def random_checkpoint(checkpoint_dir: Path, language: str = "english") -> Path:
+    """config.yaml of a shipped model's full-size architecture with random weights in `checkpoint_dir`.
 
     An existing checkpoint there (config.yaml + model.safetensors) is reused as is,
     which also lets a small checkpoint stand in for the full-size one.
@@ -139,11 +152,11 @@ def random_checkpoint(checkpoint_dir: Path) -> Path:
     if config.is_file() and (checkpoint_dir / "model.safetensors").is_file():
         log(f"reusing the checkpoint in {checkpoint_dir}")
         return config
-    log(f"writing the full-size English architecture with random weights to {checkpoint_dir} ...")
+    log(f"writing the full-size {language} architecture with random weights to {checkpoint_dir} ...")
     sys.path.insert(0, str(REPO_ROOT))
     from pocket_tts.random_checkpoint import write_random_checkpoint
 
-    return Path(write_random_checkpoint(checkpoint_dir, "english", seed=0))
+    return Path(write_random_checkpoint(checkpoint_dir, language, seed=0))
 
 
 def write_synthetic_voice(path: Path, seconds: float = 5.0, sample_rate: int = 24000) -> Path:

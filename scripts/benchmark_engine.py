@@ -7,6 +7,7 @@ temperature 0 with an unreachable EOS threshold, so every run produces the same
 number of frames. Each (engine, thread count) runs in a fresh process.
 
     python scripts/benchmark_engine.py                         # ours, 1 and 2 threads
+    python scripts/benchmark_engine.py --language english_7m_2026-10 --threads 1   # another shipped layout
     python scripts/benchmark_engine.py --kyutai-python /work/kyutai-venv/bin/python --kyutai-int8
 
 xRT is audio seconds per wall second (higher is faster); first chunk is the time
@@ -35,6 +36,12 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         help="write the random checkpoint here, or reuse the config.yaml + model.safetensors found here "
         "(default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--language",
+        type=bench.shipped_language,
+        default="english",
+        help="shipped model whose architecture the random checkpoint takes (default: english)",
     )
     bench.add_run_options(parser, default_threads=[1, 2])
     parser.add_argument("--kyutai-python", help="interpreter that has Kyutai's pocket-tts; adds its runs")
@@ -74,7 +81,7 @@ def engines(args, config: Path, weights: Path, workdir: Path) -> list[dict]:
 
 
 def measure(args, workdir: Path) -> dict:
-    config = bench.random_checkpoint(args.checkpoint_dir or workdir / "checkpoint")
+    config = bench.random_checkpoint(args.checkpoint_dir or workdir / "checkpoint", args.language)
     weights = config.parent / "model.safetensors"
     voice = bench.write_synthetic_voice(workdir / "voice.wav")
     results = []
@@ -98,6 +105,7 @@ def measure(args, workdir: Path) -> dict:
     return {
         "machine": bench.machine_info(),
         "checkpoint": str(config),
+        "language": args.language,
         "text": UTTERANCE,
         "pinned_cores": args.pin_cores,
         "results": results,
@@ -119,7 +127,8 @@ def add_ratios(results: list[dict]) -> None:
 def print_table(report: dict) -> None:
     machine = report["machine"]
     pinned = "; each process pinned to <threads> cores" if report["pinned_cores"] else ""
-    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; checkpoint: {report['checkpoint']}{pinned}")
+    print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; {report['language']} layout, checkpoint: "
+          f"{report['checkpoint']}{pinned}")  # fmt: skip
     headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s", "CPU s/s",
                "others CPU s/s", "xRT ours/this", "first chunk ours/this"]  # fmt: skip
     rows = [

@@ -2,6 +2,7 @@
 """Throughput of the worker service through the queue, for every way to split a core budget among workers.
 
     python scripts/benchmark_fleet.py                              # full-size random weights, float32
+    python scripts/benchmark_fleet.py --language english_18m_2026-10   # another shipped layout, random weights
     python scripts/benchmark_fleet.py --precision float32,int8 --json
     python scripts/benchmark_fleet.py --config m/config.yaml --weights m/model.safetensors --voice m/voice.wav
     python scripts/benchmark_fleet.py --quick                      # small parity checkpoint: a smoke test
@@ -90,6 +91,11 @@ def parse_args() -> argparse.Namespace:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--config", type=Path, help="a model config .yaml (default: full-size random weights)")
     model.add_argument("--quick", action="store_true", help="small parity checkpoint, few short jobs, two splits")
+    model.add_argument(
+        "--language",
+        type=bench.shipped_language,
+        help="random weights in this shipped model's full-size architecture (default: english)",
+    )
     parser.add_argument("--weights", type=Path, help="model .safetensors for --config")
     parser.add_argument("--voice", help="voice file or catalog name (default: a synthetic prompt)")
     parser.add_argument(
@@ -98,7 +104,7 @@ def parse_args() -> argparse.Namespace:
         default=Path(os.environ.get("POCKET_TTS_PARITY_DIR") or REPO_ROOT.parent / "shared" / "parity"),
         help="with --quick",
     )
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="random checkpoint's folder")
+    parser.add_argument("--cache-dir", type=Path, help="random checkpoint's folder (default: one per --language)")
     parser.add_argument("--cores", type=bench.positive_int, help="core budget (default: usable CPUs; 1 with --quick)")
     parser.add_argument("--batch", type=bench.positive_int, help="POCKET_TTS_MAX_BATCH (default 16; 4 with --quick)")
     parser.add_argument("--jobs", type=bench.positive_int, help="jobs per split (default 48; 4 with --quick)")
@@ -113,6 +119,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
+    args.language = args.language or "english"
+    args.cache_dir = args.cache_dir or default_cache_dir(args.language)
     usable = usable_cpus().count
     args.cores = args.cores or (1 if args.quick else usable)
     args.batch = args.batch or (4 if args.quick else 16)
@@ -140,13 +148,13 @@ def model_settings(args, workdir: Path) -> tuple[dict[str, str], str]:
         }
         return settings, f"small parity checkpoint {parity} (random weights, not speech)"
     if args.config is None:
-        checkpoint = random_weights_checkpoint(args.cache_dir)
+        checkpoint = random_weights_checkpoint(args.cache_dir, args.language)
         settings = {
             "POCKET_TTS_CONFIG": str(checkpoint / "config.yaml"),
             "POCKET_TTS_VOICES_DIR": str(checkpoint),
             "POCKET_TTS_DEFAULT_VOICE": "voice.wav",
         }
-        return settings, "full-size English architecture, random weights (not speech)"
+        return settings, f"full-size {args.language} architecture, random weights (not speech)"
     settings = {"POCKET_TTS_CONFIG": str(args.config.resolve())}
     if args.weights:
         settings["POCKET_TTS_WEIGHTS"] = str(args.weights.resolve())

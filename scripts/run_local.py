@@ -33,12 +33,12 @@ CHILD_START_TIMEOUT = "1800"
 LOG_TAIL_LINES = 15
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocket-tts" / "random-english"
+def default_cache_dir(language: str = "english") -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pocket-tts" / f"random-{language}"
 
 
-def random_weights_checkpoint(cache_dir: Path) -> Path:
-    """A folder with the full-size English architecture (random weights) and a voice prompt, written once.
+def random_weights_checkpoint(cache_dir: Path, language: str = "english") -> Path:
+    """A folder with a shipped model's full-size architecture (random weights) and a voice prompt, written once.
 
     The config's EOS threshold is unreachable: random weights would otherwise stop
     after a few frames, so every job runs to the longest audio its text allows.
@@ -48,11 +48,15 @@ def random_weights_checkpoint(cache_dir: Path) -> Path:
     # Imports torch: only when the checkpoint must be written.
     from pocket_tts.random_checkpoint import write_random_checkpoint
 
-    bench.log(f"writing a full-size random-weight checkpoint to {cache_dir} (once) ...")
+    bench.log(f"writing a full-size {language} random-weight checkpoint to {cache_dir} (once) ...")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(cache_dir, ignore_errors=True)  # an incomplete one
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir.parent))
-    write_random_checkpoint(partial, "english", overrides={"default_eos_threshold": bench.NEVER_EOS_THRESHOLD})
+    try:
+        write_random_checkpoint(partial, language, overrides={"default_eos_threshold": bench.NEVER_EOS_THRESHOLD})
+    except BaseException:
+        shutil.rmtree(partial)
+        raise
     bench.write_synthetic_voice(partial / RANDOM_VOICE)
     try:
         partial.rename(cache_dir)  # whole or absent, even if this run is killed while writing

@@ -18,10 +18,21 @@ def add_enqueue_command(commands) -> None:
     parser.add_argument("--voice", help="voice for the job (default: the worker's)")
     parser.add_argument("--temperature", type=non_negative_float, help="sampling temperature (default: the worker's)")
     parser.add_argument("--format", default="wav", help="audio format of the result (default: wav)")
+    parser.add_argument("--seed", type=_seed, help="an integer that makes the job's audio reproducible")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print the path of its audio")
     parser.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait with --wait (600)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr while waiting")
     parser.set_defaults(run=run_enqueue)
+
+
+def _seed(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64-1, got {raw!r}")
+    return value
 
 
 def add_jobs_command(commands) -> None:
@@ -35,7 +46,7 @@ def run_enqueue(args: argparse.Namespace) -> None:
     text = read_text(args)
     from tasks import client
 
-    result = client.submit(text, voice=args.voice, temperature=args.temperature, format=args.format)
+    result = client.submit(text, voice=args.voice, temperature=args.temperature, format=args.format, seed=args.seed)
     if not args.wait:
         print(result.id)
         return

@@ -57,10 +57,12 @@ def check_connections(timeout: float = CONNECT_TIMEOUT) -> None:
             ) from None
 
 
-def submit(text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav") -> AsyncResult:
+def submit(text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav",
+           seed: int | None = None) -> AsyncResult:  # fmt: skip
     """Send a `pocket_tts.synthesize` job after checking that the broker answers; return its result handle."""
     check_connections()
-    return synthesize.apply_async(args=(text,), kwargs={"voice": voice, "temperature": temperature, "format": format})
+    options = {"voice": voice, "temperature": temperature, "format": format, "seed": seed}
+    return synthesize.apply_async(args=(text,), kwargs=options)
 
 
 def wait_for(
@@ -106,6 +108,7 @@ def enqueue(
     format: str = "wav",
     wait: bool = False,
     timeout: float | None = 600.0,
+    seed: int | None = None,
 ) -> str:
     """Send a `pocket_tts.synthesize` job; return its id, or with `wait` the path of the finished audio.
 
@@ -113,7 +116,7 @@ def enqueue(
     JobFailedError when the job fails and TimeoutError when it has not finished
     after `timeout` seconds (None waits forever).
     """
-    result = submit(text, voice, temperature, format)
+    result = submit(text, voice, temperature, format, seed)
     return wait_for(result, timeout) if wait else result.id
 
 

@@ -90,8 +90,8 @@ class Engine:
         """1-D float32 audio at `sample_rate` (the voice state is never mutated)."""
         voice = self.voice_state(job.voice)
         if self._batcher is not None:  # generated together with the other pool threads' jobs
-            return self._batcher.submit(voice, job.text, temp=job.temperature).result()
-        audio = self.model.generate_audio(voice, job.text, temp=job.temperature)
+            return self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed).result()
+        audio = self.model.generate_audio(voice, job.text, temp=job.temperature, seed=job.seed)
         return_freed_heap()
         return audio
 

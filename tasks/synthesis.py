@@ -38,11 +38,15 @@ class SynthesisTask(Task):
 
 
 @app.task(name="pocket_tts.synthesize", bind=True, base=SynthesisTask)
-def synthesize(self, text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav") -> str:
-    """Synthesize `text` and return the path of the audio file in the shared storage."""
+def synthesize(self, text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav",
+               seed: int | None = None) -> str:  # fmt: skip
+    """Synthesize `text` and return the path of the audio file in the shared storage.
+
+    With `seed`, running the job again gives the same audio (same worker settings and model).
+    """
     settings = current_settings()
     record_delivery(self.backend, self.request.id, settings.max_deliveries, settings.result_expires)
-    job = validate_job(text, voice, temperature, format, settings)
+    job = validate_job(text, voice, temperature, format, settings, seed)
     path = audio_path(settings.storage_dir, self.request.id, job.format)
     engine = load_engine(settings)  # already loaded in a prefork child; loads on first use elsewhere
 

@@ -1,8 +1,8 @@
 """Checks on a `synthesize` request, before any audio is generated.
 
 Every failure is an InvalidJobError with one line saying what is wrong. The
-engine's voice catalogue and audio formats live in torch modules, so they are
-imported inside the functions: this module is imported by web processes too.
+audio formats live in a torch module, so they are imported inside the function
+that needs them: this module is imported by web processes too.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pocket_tts.catalog import PREDEFINED_VOICES
 from tasks.errors import InvalidJobError
 from worker_config import Settings
 
 VOICE_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".safetensors")
 MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 @dataclass(frozen=True)
@@ -24,21 +26,21 @@ class Job:
     voice: str  # a catalogue voice name or an absolute path inside the voices directory
     temperature: float | None
     format: str
+    seed: int | None = None  # set: the job's sampling noise is reproducible
 
 
-def validate_job(text, voice, temperature, format, settings: Settings) -> Job:
+def validate_job(text, voice, temperature, format, settings: Settings, seed=None) -> Job:
     return Job(
         text=_checked_text(text, settings.max_text_chars),
         voice=resolve_voice(settings.default_voice if voice is None else voice, settings.voices_dir),
         temperature=_checked_temperature(temperature),
         format=_checked_format(format),
+        seed=_checked_seed(seed),
     )
 
 
 def resolve_voice(voice, voices_dir: Path | None) -> str:
     """A catalogue voice name as is, or the real path of a file inside `voices_dir`."""
-    from pocket_tts.models.tts_model import PREDEFINED_VOICES
-
     if not isinstance(voice, str) or not voice.strip():
         raise InvalidJobError(f"voice must be a non-empty string, got {voice!r}")
     if voice in PREDEFINED_VOICES:
@@ -81,6 +83,14 @@ def _checked_temperature(temperature) -> float | None:
     if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
         raise InvalidJobError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature!r}")
     return float(temperature)
+
+
+def _checked_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidJobError(f"seed must be an integer between 0 and 2**64-1, got {seed!r}")
+    return seed
 
 
 def _checked_format(format) -> str:

@@ -102,3 +102,11 @@ def test_benchmark_threads_rejects_a_bad_thread_list(tmp_path):
     result = run_script("benchmark_threads.py", "--threads", "1,zero", cwd=tmp_path)
     assert result.returncode == 2
     assert "--threads" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["benchmark_engine.py", "benchmark_fleet.py"])
+def test_benchmarks_take_a_shipped_model_name(script, tmp_path):
+    result = run_script(script, "--language", "klingon", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "argument --language: unknown language 'klingon'; available: dutch, dutch_24l, english," in result.stderr

@@ -113,6 +113,11 @@ GENERATE_ERRORS = {
     "unwritable output": (["hi", "{model}", "--output", "{tmp}/no/such/dir/out.wav"], "", 1, "cannot write"),
     "unknown extension": (["hi", "{model}", "--output", "{tmp}/out.mp3"], "", 2, "unsupported audio extension"),
     "negative temperature": (["hi", "{model}", "--temperature", "-1"], "", 2, "--temperature"),
+    "missing checkpoint": (["hi", "{model}", "--checkpoint", "{tmp}/step.pt"], "", 1, "checkpoint file not found"),
+    "checkpoint not a .pt": (["hi", "{model}", "--checkpoint", "{parity}/cases.json", "--voice", "{voice}"], "", 1,
+                             "cannot be read as a training checkpoint"),
+    "quantize and precision": (["hi", "{model}", "--quantize", "--precision", "bfloat16"], "", 2, "not allowed with"),
+    "catalog voice, custom model": (["hi", "{model}", "--voice", "alba"], "", 1, "needs a model loaded by language"),
 }
 
 

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from celery.app.backends import BACKEND_ALIASES
 from kombu.transport import TRANSPORT_ALIASES
 
+from pocket_tts.catalog import check_language, default_voice
 from pocket_tts.threads import threads_from_env
 from worker_config.cpu_budget import (
     ALLOW_OVERSUBSCRIBE_ENV,
@@ -190,6 +191,11 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     language, config = env.text("POCKET_TTS_LANGUAGE"), env.text("POCKET_TTS_CONFIG")
     if language and config:
         raise SettingsError("set either POCKET_TTS_LANGUAGE or POCKET_TTS_CONFIG, not both")
+    if language:
+        try:
+            check_language(language)
+        except ValueError as exc:
+            raise SettingsError(f"POCKET_TTS_LANGUAGE: {exc}") from None
     voices_dir = env.text("POCKET_TTS_VOICES_DIR")
 
     max_text_chars = env.integer("POCKET_TTS_MAX_TEXT_CHARS", 1000)
@@ -224,7 +230,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
         config=config,
         weights=env.text("POCKET_TTS_WEIGHTS"),
         voices_dir=Path(voices_dir).expanduser().absolute() if voices_dir else None,
-        default_voice=env.text("POCKET_TTS_DEFAULT_VOICE") or "alba",
+        default_voice=env.text("POCKET_TTS_DEFAULT_VOICE") or default_voice(language),
         max_text_chars=max_text_chars,
         time_limit_base=time_limit_base,
         time_limit_per_char=time_limit_per_char,

@@ -8,6 +8,8 @@ Noise is drawn from torch's global generator the way Kyutai's package draws it, 
 `torch.manual_seed` before generating gives its audio at any temperature: one
 `[1, latent_dim]` draw of N(0, temp) per FlowLM call and stream, also for the call that
 feeds the text (its sample is discarded) and at temperature 0 (where it is exactly 0).
+A stream may bring its own generator instead (a seeded request): it draws the same
+sequence from it, untouched by what other streams or threads draw.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pocket_tts.models.flow_lm import FlowLM, VoiceState
 
 MIN_FRAMES_BEFORE_EOS = 6  # early EOS flags fire before speech starts for some voices
 FADE_IN_SECONDS = 0.005  # hides the step a fresh decoder state puts in its first samples
+
+Generators = list[torch.Generator | None] | None  # per stream; None: all draw from torch's global generator
 
 
 @dataclass
@@ -42,31 +46,35 @@ class FrameSampler:
         self.fade_ramp = torch.linspace(0, 1, int(sample_rate * FADE_IN_SECONDS))
         self.bos = torch.full((1, 1, flow_lm.latent_dim), float("nan"))  # the first step's input
 
-    def noise(self, temps: list[float]) -> torch.Tensor:
-        """x0 of each stream [B, latent_dim], in Kyutai's order (see the module docstring)."""
-        dim = self.flow_lm.latent_dim
-        if all(t == temps[0] for t in temps):  # one call draws the same values as B [1, dim] calls
-            return self._draw((len(temps), dim), temps[0])
-        return torch.cat([self._draw((1, dim), t) for t in temps])
+    def noise(self, temps: list[float], generators: Generators = None) -> torch.Tensor:
+        """x0 of each stream [B, latent_dim], in Kyutai's order (see the module docstring).
 
-    def _draw(self, shape: tuple[int, int], temp: float) -> torch.Tensor:
+        `generators`: each stream's own generator, None for the global one (all None: no list)."""
+        dim = self.flow_lm.latent_dim
+        if generators is None and all(t == temps[0] for t in temps):  # one call draws what B [1, dim] calls draw
+            return self._draw((len(temps), dim), temps[0])
+        generators = generators or [None] * len(temps)
+        return torch.cat([self._draw((1, dim), t, g) for t, g in zip(temps, generators)])
+
+    def _draw(self, shape: tuple[int, int], temp: float, generator: torch.Generator | None = None) -> torch.Tensor:
         std = temp**0.5
         noise = torch.empty(shape)
         if self.noise_clamp is None or temp == 0:
-            return noise.normal_(0.0, std)
-        return nn.init.trunc_normal_(noise, std=std, a=-self.noise_clamp, b=self.noise_clamp)
+            return noise.normal_(0.0, std, generator=generator)
+        return nn.init.trunc_normal_(noise, std=std, a=-self.noise_clamp, b=self.noise_clamp, generator=generator)
 
-    def prompt_text(self, ids: torch.Tensor, state: VoiceState, temps: list[float]) -> None:
+    def prompt_text(self, ids: torch.Tensor, state: VoiceState, temps: list[float], generators: Generators = None) -> None:
         """Feed token ids [B, T] into the cache; draws the noise Kyutai's text call draws."""
         self.flow_lm.prompt(self.flow_lm.conditioner(ids), state)
-        self.noise(temps)
+        self.noise(temps, generators)
 
-    def step(self, inputs: torch.Tensor, state: VoiceState, temps: list[float], eos_threshold: float) -> Frame:
+    def step(self, inputs: torch.Tensor, state: VoiceState, temps: list[float], eos_threshold: float,
+             generators: Generators = None) -> Frame:  # fmt: skip
         """One frame for B streams from their last latents [B, 1, latent_dim] (NaN: none yet)."""
         flow_lm = self.flow_lm
         hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), state)[:, -1]
         eos_logits = flow_lm.eos_logit(hidden)[:, 0]
-        latents = flow_lm.sample(hidden, self.noise(temps), self.time_conditions)
+        latents = flow_lm.sample(hidden, self.noise(temps, generators), self.time_conditions)
         return Frame(latents, (eos_logits > eos_threshold).tolist(), eos_logits, hidden)
 
     def fade_in(self, audio: torch.Tensor) -> torch.Tensor:

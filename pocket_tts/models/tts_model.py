@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pocket_tts import audio as audio_io
-from pocket_tts.config import DEFAULT_LANGUAGE, ModelConfig, config_path_for_language, load_config
+from pocket_tts.catalog import DEFAULT_LANGUAGE, PREDEFINED_VOICES, voice_state_path
+from pocket_tts.config import ModelConfig, config_path_for_language, load_config
 from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
 from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
@@ -25,7 +26,7 @@ from pocket_tts.models.sampling import ChunkProgress, FrameSampler
 from pocket_tts.precision import check_precision, lower_backbone_precision, precision_from_env
 from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
 from pocket_tts.threads import threads_from_env
-from pocket_tts.weights import assign_checkpoint, read_safetensors
+from pocket_tts.weights import assign_checkpoint, read_safetensors, read_training_checkpoint
 
 torch.set_num_threads(threads_from_env())
 
@@ -36,15 +37,6 @@ TOKENS_PER_SECOND = 3.0  # speaking-rate estimate that bounds the length of a ch
 EXTRA_SECONDS = 2.0
 MAX_PROMPT_SECONDS = 30.0
 STREAM_DECODE_FRAMES = 4  # latents per Mimi call after the first frame of a chunk
-
-VOICE_STATES_REPO = "hf://kyutai/pocket-tts-without-voice-cloning/languages/{language}/embeddings/{name}.safetensors@a7056f505a4a8ca72d8b5fb1440071d6f1a35739"
-# Kyutai's catalog of voices, available as precomputed voice states for every language.
-PREDEFINED_VOICES = (
-    "alba", "marius", "javert", "jean", "fantine", "cosette", "eponine", "azelma",
-    "anna", "vera", "charles", "paul", "george", "mary", "jane", "michael", "eve",
-    "bill_boerst", "peter_yearsley", "stuart_bell", "caro_davy",
-    "giovanni", "lola", "juergen", "rafael", "daan", "estelle",
-)  # fmt: skip
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
@@ -71,6 +63,7 @@ class TTSModel(nn.Module):
         self.eos_threshold = eos_threshold
         self.language = language
         self.has_voice_cloning = True
+        self.has_custom_weights = False  # a training checkpoint: the catalog's voice states do not fit it
         self.precision = "float32"
         self.text_options = TextOptions(
             replace_characters=dict(config.replace_characters),
@@ -101,6 +94,8 @@ class TTSModel(nn.Module):
         eos_threshold: float | None = None,
         lsd_decode_steps: int | None = None,
         precision: str | None = None,
+        quantize: bool = False,
+        checkpoint: str | Path | None = None,
     ) -> "TTSModel":
         """Build the model of a config and load its weights.
 
@@ -109,7 +104,10 @@ class TTSModel(nn.Module):
         replaces the config's `weights_path`. None means the config's default for
         `temp` and `eos_threshold`. `lsd_decode_steps` is the older name of
         `sampler_decode_steps`. `precision` ("float32", "bfloat16" or "int8") sets the
-        backbone's weight format; None reads POCKET_TTS_PRECISION (default float32).
+        backbone's weight format; None reads POCKET_TTS_PRECISION (default float32);
+        `quantize=True` is Kyutai's name for "int8". `checkpoint` is a training checkpoint
+        (.pt) whose weights (its EMA ones when present) replace the FlowLM's, and Mimi's
+        when it holds them; the others come from `weights` or the config.
         """
         if config is not None and language is not None:
             raise ValueError("pass either language or config, not both")
@@ -117,6 +115,10 @@ class TTSModel(nn.Module):
             sampler_decode_steps = lsd_decode_steps
         if sampler_decode_steps < 1:
             raise ValueError("sampler_decode_steps must be at least 1")
+        if quantize:
+            if precision is not None and check_precision(precision) != "int8":
+                raise ValueError(f"quantize=True means int8 precision; it contradicts precision={precision!r}")
+            precision = "int8"
         precision = precision_from_env() if precision is None else check_precision(precision)
         if config is None:
             language = language or DEFAULT_LANGUAGE
@@ -139,15 +141,32 @@ class TTSModel(nn.Module):
                 eos_threshold=cfg.default_eos_threshold if eos_threshold is None else float(eos_threshold),
                 language=language if config is None else None,
             )
-        weights_file = model._resolve_weights(weights, config_path)
-        assign_checkpoint(model, read_safetensors(weights_file), str(weights_file))
+        if checkpoint is None:
+            weights_file = model._resolve_weights(weights, config_path)
+            tensors, source = read_safetensors(weights_file), str(weights_file)
+        else:
+            tensors, source = model._training_checkpoint_tensors(checkpoint, weights, config_path)
+        assign_checkpoint(model, tensors, source)
         model.eval()
         model.requires_grad_(False)
         lower_backbone_precision(model.flow_lm.transformer, precision)
         model.precision = precision
         model.sampler = FrameSampler(model.flow_lm, sampler_decode_steps, noise_clamp, model.sample_rate)
-        logger.info("loaded %s with weights %s", config_path, weights_file)
+        logger.info("loaded %s with weights %s", config_path, source)
         return model
+
+    def _training_checkpoint_tensors(self, checkpoint: str | Path, weights: str | Path | None,
+                                     config_path: Path) -> tuple[dict[str, torch.Tensor], str]:  # fmt: skip
+        tensors = read_training_checkpoint(resolve_file(checkpoint, "checkpoint"))
+        self.has_custom_weights = True
+        source = f"training checkpoint {checkpoint}"
+        if any(k.startswith("mimi.") and k not in tensors for k in self.state_dict()):
+            # Training keeps the codec frozen and usually leaves it out of the checkpoint.
+            weights_file = self._resolve_weights(weights, config_path)
+            codec = {k: t for k, t in read_safetensors(weights_file).items() if k.startswith("mimi.")}
+            tensors = {**codec, **tensors}
+            source += f" (Mimi from {weights_file})"
+        return tensors, source
 
     def _resolve_weights(self, weights: str | Path | None, config_path: Path) -> Path:
         if weights is not None:
@@ -195,12 +214,17 @@ class TTSModel(nn.Module):
         return self._state_from_waveform(audio_io.resample(wav, rate, self.sample_rate))
 
     def _catalog_voice_path(self, name: str) -> str:
+        if self.has_custom_weights:
+            raise ValueError(
+                f"catalog voice {name!r} was computed with the released weights and does not fit a training "
+                "checkpoint's; use an audio file instead"
+            )
         if self.language is None:
             raise ValueError(
                 f"catalog voice {name!r} needs a model loaded by language (its voice states were computed "
                 "with the released weights); with a custom config use an audio file or a voice-state file"
             )
-        return VOICE_STATES_REPO.format(language=self.language, name=name)
+        return voice_state_path(self.language, name)
 
     def _state_from_waveform(self, wav: torch.Tensor) -> VoiceState:
         wav = audio_io.end_on_pause(wav, self.sample_rate)
@@ -248,18 +272,26 @@ class TTSModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def generate_audio(self, model_state: VoiceState, text_to_generate: str, max_tokens: int = MAX_TOKENS_PER_CHUNK,
-                       frames_after_eos: int | None = None, copy_state: bool = True, temp: float | None = None) -> torch.Tensor:  # fmt: skip
-        """The whole utterance as a 1-D float32 tensor at `sample_rate`."""
-        pieces = list(self.generate_audio_stream(model_state, text_to_generate, max_tokens, frames_after_eos, copy_state, temp))
+                       frames_after_eos: int | None = None, copy_state: bool = True, temp: float | None = None,
+                       seed: int | None = None) -> torch.Tensor:  # fmt: skip
+        """The whole utterance as a 1-D float32 tensor at `sample_rate`.
+
+        The sampling noise comes from torch's global generator (`torch.manual_seed`), or with
+        `seed` from generators of the call's own (`chunk_generators`): the same seed gives
+        the same audio whatever other threads draw, here and in the batcher.
+        """
+        pieces = list(self.generate_audio_stream(model_state, text_to_generate, max_tokens, frames_after_eos,
+                                                 copy_state, temp, seed))  # fmt: skip
         return torch.cat(pieces) if pieces else torch.zeros(0)
 
     def generate_audio_stream(self, model_state: VoiceState, text_to_generate: str, max_tokens: int = MAX_TOKENS_PER_CHUNK,
                               frames_after_eos: int | None = None, copy_state: bool = True,
-                              temp: float | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+                              temp: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
         """Yield 1-D audio pieces as frames are produced; their concatenation is `generate_audio`'s output."""
         temp = self.checked_temperature(temp)
-        for ids, after_eos in self.text_chunks(text_to_generate, max_tokens, frames_after_eos):
-            yield from self._speak_chunk(model_state, ids, after_eos, copy_state, temp)
+        chunks = self.text_chunks(text_to_generate, max_tokens, frames_after_eos)
+        for (ids, after_eos), generator in zip(chunks, chunk_generators(seed, len(chunks))):
+            yield from self._speak_chunk(model_state, ids, after_eos, copy_state, temp, generator)
 
     def checked_temperature(self, temp: float | None) -> float:
         """`temp`, or the model's default for None; a negative or non-finite value raises ValueError."""
@@ -289,7 +321,7 @@ class TTSModel(nn.Module):
 
     @torch.inference_mode()
     def _speak_chunk(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int, copy_state: bool,
-                     temp: float) -> Iterator[torch.Tensor]:  # fmt: skip
+                     temp: float, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
         """Decode the chunk's latents as they come: the first frame at once (latency), then
         STREAM_DECODE_FRAMES per Mimi call (fewer calls; any grouping gives the same audio)."""
         started = time.perf_counter()
@@ -302,7 +334,7 @@ class TTSModel(nn.Module):
             pending.clear()
             return self.sampler.fade_in(audio) if n_samples == 0 else audio
 
-        for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp):
+        for step in self.generate_latents(voice_state, ids, frames_after_eos, copy_state, temp, generator):
             pending.append(step.latent)
             if n_samples == 0 or len(pending) == STREAM_DECODE_FRAMES:
                 audio = decode()
@@ -317,15 +349,16 @@ class TTSModel(nn.Module):
 
     @torch.inference_mode()
     def generate_latents(self, voice_state: VoiceState, ids: list[int], frames_after_eos: int,
-                         copy_state: bool = True, temp: float = 0.0) -> Iterator[LatentStep]:  # fmt: skip
+                         copy_state: bool = True, temp: float = 0.0,
+                         generator: torch.Generator | None = None) -> Iterator[LatentStep]:  # fmt: skip
         """The autoregressive loop of one chunk: prompt the text, then one latent per step until EOS."""
         progress = ChunkProgress(frames_after_eos, self.max_frames(len(ids)))
         state = self._chunk_state(voice_state, len(ids) + progress.max_frames, copy_state)
-        sampler, temps = self.sampler, [temp]
-        sampler.prompt_text(torch.tensor([ids], dtype=torch.long), state, temps)
+        sampler, temps, generators = self.sampler, [temp], None if generator is None else [generator]
+        sampler.prompt_text(torch.tensor([ids], dtype=torch.long), state, temps, generators)
         latent = sampler.bos
         while not progress.exhausted:
-            frame = sampler.step(latent, state, temps, self.eos_threshold)
+            frame = sampler.step(latent, state, temps, self.eos_threshold, generators)
             if not progress.accept(frame.eos[0]):
                 return
             latent = frame.latents[:, None]
@@ -357,6 +390,19 @@ class TTSModel(nn.Module):
         self.flow_lm.prompt(torch.zeros(1, 1, self.flow_lm.dim), state)
         for _ in zip(range(2), self.generate_audio_stream(state, "Hi.", temp=0.0)):
             pass
+
+
+def chunk_generators(seed: int | None, n_chunks: int) -> list[torch.Generator | None]:
+    """The noise source of each chunk of a seeded utterance (None for all without a seed).
+
+    One generator per chunk, so the batcher, which runs an utterance's chunks side by side,
+    draws what the single-stream loop draws. The first is seeded with `seed` itself: a
+    one-chunk text gets the audio of `torch.manual_seed(seed)`; the others with seeds drawn from it.
+    """
+    if seed is None:
+        return [None] * n_chunks
+    later = torch.randint(0, 2**62, (max(n_chunks - 1, 0),), generator=torch.Generator().manual_seed(seed))
+    return [torch.Generator().manual_seed(s) for s in [seed, *later.tolist()][:n_chunks]]
 
 
 def export_model_state(model_state: VoiceState, dest: str | Path) -> None:

@@ -93,3 +93,16 @@ def test_finished_and_failed_jobs(session_worker, worker_env, service_files):
     succeeded_line, failed_line = status.stdout.splitlines()
     assert succeeded_line == f"{path.stem}: succeeded: {path}"
     assert failed_line.startswith(f"{failed_id}: failed: InvalidJobError: unknown voice 'nobody'")
+
+
+def test_a_seeded_job_from_the_command_line_is_reproducible(session_worker, worker_env):
+    paths = [
+        pocket_tts(worker_env, "enqueue", "Same again.", "--temperature", "0.9", "--seed", "5", "--wait", "--quiet")
+        for _ in range(2)
+    ]
+    assert all(p.returncode == 0 for p in paths), [p.stderr for p in paths]
+    first, second = (Path(p.stdout.strip()) for p in paths)
+    assert first != second and first.read_bytes() == second.read_bytes()
+
+    line = one_error_line(pocket_tts(worker_env, "enqueue", "Hi.", "--seed", "-1"))
+    assert "--seed: expected an integer from 0 to 2**64-1, got '-1'" in line

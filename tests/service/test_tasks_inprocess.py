@@ -116,3 +116,26 @@ def test_the_default_voice_is_cached_when_the_model_loads(inprocess_settings, ca
     with caplog.at_level("WARNING"):
         Engine.load(replace(missing, start_without_model=True), num_threads=1)
     assert "default voice 'missing.wav' (POCKET_TTS_DEFAULT_VOICE) cannot be used: unknown voice" in caplog.text
+
+
+def test_a_seed_makes_a_job_reproducible(celery_session_worker, reference_model, service_files):
+    text = "Seeded words."
+    first, again, other = (
+        Path(synthesize.delay(text, temperature=0.8, seed=seed).get(timeout=JOB_TIMEOUT)) for seed in (42, 42, 43)
+    )
+
+    voice = reference_model.get_state_for_audio_prompt(str(service_files.voices / TEST_DEFAULT_VOICE))
+    expected = reference_model.generate_audio(voice, text, temp=0.8, seed=42).numpy()
+    assert_audio_matches(first, expected)
+    assert_audio_matches(again, expected)
+    assert first.read_bytes() == again.read_bytes()
+    assert other.read_bytes() != first.read_bytes()
+
+
+def test_a_bad_seed_fails_the_job_with_one_line(celery_session_worker, inprocess_settings):
+    result = synthesize.apply_async(("Hello.",), {"seed": "42"})
+    result.get(timeout=JOB_TIMEOUT, propagate=False)
+
+    assert result.state == "FAILURE" and type(result.result).__name__ == "InvalidJobError"
+    assert str(result.result) == "seed must be an integer between 0 and 2**64-1, got '42'"
+    assert stored_files(inprocess_settings, result.id) == []

@@ -112,6 +112,17 @@ def test_bad_requests_are_refused_with_one_line(text, temperature, format, messa
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("seed", [True, -1, 2**64, 1.5, "7", [7]])
+def test_bad_seeds_are_refused_with_one_line(seed):
+    with pytest.raises(InvalidJobError, match=r"^seed must be an integer between 0 and 2\*\*64-1, got "):
+        validate_job("Hi.", "alba", None, "wav", make_settings(), seed)
+
+
+def test_a_seed_is_kept_on_the_job():
+    assert validate_job("Hi.", "alba", None, "wav", make_settings()).seed is None
+    assert validate_job("Hi.", "alba", None, "wav", make_settings(), 2**64 - 1).seed == 2**64 - 1
+
+
 # ---------------------------------------------------------------- storage
 
 

@@ -36,6 +36,19 @@ def test_defaults():
     assert settings.max_deliveries == 3 and not settings.allow_oversubscribe
 
 
+@pytest.mark.parametrize(
+    "language, voice", [("french", "estelle"), ("german_24l", "juergen"), ("english_7m_2026-10", "alba")]
+)
+def test_a_named_model_brings_its_languages_default_voice(language, voice):
+    assert settings_from(POCKET_TTS_LANGUAGE=language).default_voice == voice
+    assert settings_from(POCKET_TTS_LANGUAGE=language, POCKET_TTS_DEFAULT_VOICE="marius").default_voice == "marius"
+
+
+def test_an_unknown_model_name_is_refused_with_the_names():
+    with pytest.raises(SettingsError, match=r"^POCKET_TTS_LANGUAGE: unknown language 'klingon'; available: dutch, "):
+        settings_from(POCKET_TTS_LANGUAGE="klingon")
+
+
 def test_result_backend_defaults_to_the_brokers_redis():
     settings = settings_from(CELERY_BROKER_URL="redis://:pw@redis:6379/2")
 
