@@ -55,6 +55,30 @@ def test_each_config_points_at_its_own_pinned_hub_files(name):
     assert layers == 24 if name.endswith("_24l") else layers in (6, 8)
 
 
+# Parameters of each shipped layout (FlowLM with its voice projection, and Mimi) in Kyutai's package 4.0.1,
+# counted on the meta device; docs/models.md lists them.
+KYUTAI_PARAMETERS = {
+    "english_2026-01": 117_856_962,
+    "english_drifting_26-09": 108_712_386,
+    "english_18m": 27_923_058,
+    "english_7m": 16_611_666,
+    "english_2m": 11_671_934,
+    "_24l": 336_068_290,
+}
+
+
+@pytest.mark.parametrize("name", catalog.LANGUAGES)
+def test_each_shipped_layout_has_kyutais_parameter_count(name):
+    from pocket_tts.models.flow_lm import FlowLM
+    from pocket_tts.models.mimi import Mimi
+
+    cfg = load_config(config_path_for_language(name))
+    with torch.device("meta"):
+        parts = (FlowLM(cfg.flow_lm, cfg.latent_dim, cfg.voice_dim), Mimi.from_config(cfg.mimi))
+    count = sum(t.numel() for part in parts for t in part.state_dict().values())
+    assert count == next((n for key, n in KYUTAI_PARAMETERS.items() if key in name), 109_502_146)
+
+
 def test_english_is_the_2026_10_model_under_another_folder():
     english, dated = raw_config("english"), raw_config("english_2026-10")
     for raw in (english, dated):

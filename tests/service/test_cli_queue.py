@@ -104,5 +104,5 @@ def test_a_seeded_job_from_the_command_line_is_reproducible(session_worker, work
     first, second = (Path(p.stdout.strip()) for p in paths)
     assert first != second and first.read_bytes() == second.read_bytes()
 
-    line = one_error_line(pocket_tts(worker_env, "enqueue", "Hi.", "--seed", "-1"))
-    assert "--seed: expected an integer from 0 to 2**64-1, got '-1'" in line
+    usage = pocket_tts(worker_env, "enqueue", "Hi.", "--seed", "-1")
+    assert (usage.returncode, usage.stderr) == (2, "error: argument --seed: expected an integer from 0 to 2**64-1, got '-1'\n")
