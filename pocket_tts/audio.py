@@ -7,6 +7,7 @@ float32; channels are averaged. Errors are one line that names the file.
 
 from __future__ import annotations
 
+import io
 import math
 import wave
 from pathlib import Path
@@ -19,6 +20,13 @@ SUPPORTED_FORMATS = ("wav", "flac", "ogg")
 
 # soundfile (format, subtype) per output format.
 _SF_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+
+# Limits on audio read as a voice prompt, checked from the header before decoding: a 1 Hz file
+# would be upsampled 24000x (measured 4.3 GB), a header may claim any length or channel count.
+MIN_READ_RATE = 8000
+MAX_READ_RATE = 192000
+MAX_READ_CHANNELS = 8
+MAX_READ_SAMPLES = 300 * 48000 * 2  # frames x channels: five minutes of 48 kHz stereo (~110 MB as float32)
 
 
 def _error_reason(exc: Exception) -> str:
@@ -41,12 +49,25 @@ def _read_pcm16_wav(path: Path) -> tuple[torch.Tensor, int] | None:
             if f.getsampwidth() != 2:
                 return None
             channels, rate = f.getnchannels(), f.getframerate()
+            _check_audio_shape(path, rate, channels, f.getnframes())
             raw = f.readframes(-1)
     except (wave.Error, EOFError):
         return None
     raw = raw[: len(raw) - len(raw) % (2 * channels)]  # a truncated file may end mid-frame
     samples = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768.0
     return _mix_down(samples.reshape(-1, channels)), rate
+
+
+def _check_audio_shape(path: Path, rate: int, channels: int, frames: int) -> None:
+    if not MIN_READ_RATE <= rate <= MAX_READ_RATE:
+        raise ValueError(f"audio file {path} has a sample rate of {rate} Hz; {MIN_READ_RATE}-{MAX_READ_RATE} Hz is read")
+    if not 1 <= channels <= MAX_READ_CHANNELS:
+        raise ValueError(f"audio file {path} has {channels} channels; at most {MAX_READ_CHANNELS} are read")
+    if frames * channels > MAX_READ_SAMPLES:
+        raise ValueError(
+            f"audio file {path} holds {frames / rate:.0f} s x {channels} channels; "
+            f"at most {MAX_READ_SAMPLES} samples ({MAX_READ_SAMPLES // 96000} s of 48 kHz stereo) are read"
+        )
 
 
 def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -59,6 +80,8 @@ def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     result = _read_pcm16_wav(path) if path.suffix.lower() == ".wav" else None
     if result is None:
         try:
+            info = sf.info(str(path))
+            _check_audio_shape(path, info.samplerate, info.channels, info.frames)
             data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"cannot read audio file {path}: {_error_reason(exc)}") from None
@@ -117,15 +140,13 @@ def audio_format(path: str | Path, format: str | None = None) -> str:
     return fmt
 
 
-def write_audio(
-    path: str | Path, samples: torch.Tensor | np.ndarray, sample_rate: int, format: str | None = None
-) -> None:
-    """Write mono samples [T] (float, nominally in [-1, 1]) to exactly `path`.
+def encode_audio(samples: torch.Tensor | np.ndarray, sample_rate: int, format: str) -> bytes:
+    """Mono samples [T] (float, nominally in [-1, 1]) as the bytes of a `format` file.
 
-    wav and flac are 16-bit PCM, ogg is Vorbis. The format comes from `format`
-    or else the extension of `path`.
+    wav and flac are 16-bit PCM, ogg is Vorbis. Encoding in memory keeps disk
+    errors out of libsndfile's callbacks: the caller writes the bytes itself.
     """
-    fmt = audio_format(path, format)
+    fmt = audio_format("", format)
     if isinstance(samples, torch.Tensor):
         samples = samples.detach().cpu().numpy()
     samples = np.asarray(samples, dtype=np.float32).reshape(-1)
@@ -136,9 +157,19 @@ def write_audio(
         # Scale by 32767 and truncate toward zero, as the reference's WAV writer does.
         data = (clipped * 32767).astype(np.int16)
     sf_format, subtype = _SF_FORMATS[fmt]
-    # Opening the file ourselves gives OS errors that name the path (libsndfile only says "System error").
+    buffer = io.BytesIO()
+    try:
+        sf.write(buffer, data, int(sample_rate), format=sf_format, subtype=subtype)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise ValueError(f"cannot encode {fmt} audio: {_error_reason(exc)}") from None
+    return buffer.getvalue()
+
+
+def write_audio(
+    path: str | Path, samples: torch.Tensor | np.ndarray, sample_rate: int, format: str | None = None
+) -> None:
+    """Write mono samples [T] to exactly `path`, in `format` or else the format of its extension."""
+    data = encode_audio(samples, sample_rate, audio_format(path, format))
+    # Opening the file ourselves gives OS errors that name the path.
     with open(path, "wb") as f:
-        try:
-            sf.write(f, data, int(sample_rate), format=sf_format, subtype=subtype)
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            raise OSError(f"cannot write audio file {path}: {_error_reason(exc)}") from None
+        f.write(data)

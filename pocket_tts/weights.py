@@ -10,7 +10,9 @@ at inference).
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -31,41 +33,75 @@ _DTYPES = {
 }
 
 
+# Real headers are a few hundred KB at most; the length field is read from the file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 class CheckpointError(ValueError):
     """The checkpoint does not match the model built from the config."""
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file as zero-copy views of a private mapping of it."""
+    """All tensors of a .safetensors file as zero-copy views of a private mapping of it.
+
+    Nothing is allocated from what the file claims before it is checked against
+    the file's size: a corrupt header length or tensor entry is a CheckpointError.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > min(file_size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path} is not a safetensors file (header length {header_len} in a {file_size}-byte file)"
+                )
             header = json.loads(f.read(header_len))
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-    data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data_len = file_size - 8 - header_len
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        if end > len(mapped) - data_start:
-            raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end of the file)")
+        dtype, shape, (begin, end) = _checked_entry(path, name, info, data_len)
         if end == begin:
-            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        count, offset = (end - begin) // dtype.itemsize, data_start + begin
+        count, offset = (end - begin) // dtype.itemsize, 8 + header_len + begin
         if offset % dtype.itemsize:  # unaligned data cannot be viewed in place
             flat = torch.frombuffer(bytearray(mapped[offset:offset + end - begin]), dtype=dtype)
         else:
             flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
-        tensors[name] = flat.view(info["shape"])
+        tensors[name] = flat.view(shape)
     return tensors
+
+
+def _checked_entry(path: Path, name: str, info, data_len: int) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    """dtype, shape and data offsets of one header entry, checked against each other and the file's size."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name} has a malformed header entry")
+    dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise CheckpointError(f"{path}: tensor {name} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+        raise CheckpointError(f"{path}: tensor {name} has malformed data offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{path}: tensor {name} has malformed data offsets {offsets!r}")
+    if end > data_len:
+        raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end of the file)")
+    if math.prod(shape) * dtype.itemsize != end - begin:
+        raise CheckpointError(f"{path}: tensor {name} of shape {shape} does not fill its {end - begin} bytes")
+    return dtype, shape, (begin, end)
 
 
 def assign_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -19,11 +19,23 @@ from celery import Celery, signals
 
 from tasks import control  # noqa: F401 - registers the health probe and the budget-guarded pool commands
 from tasks.engine import DefaultVoiceError, configure_torch_threads, describe_model, load_engine
+from tasks.errors import StorageError
+from tasks.storage import check_storage_root, remove_stale_parts
 from worker_config import OversubscriptionError, Settings, check_thread_budget, current_settings
+from worker_config.settings import RESTORE_INTERVAL
 
 logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h: configuration error
+# Result writes retry with backoff up to 10 s apart: ~60 tries cover a 10-minute Redis outage.
+RESULT_STORE_RETRIES = 60
+VISIBILITY_KEY = "pocket_tts:visibility_timeout"
+# Raise the fleet's shared visibility timeout to ours if lower; return the fleet's value.
+_SHARE_VISIBILITY = (
+    "local v = tonumber(redis.call('get', KEYS[1])) "
+    "if not v or v < tonumber(ARGV[1]) then redis.call('set', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end "
+    "return v"
+)
 
 
 def celery_config(settings: Settings) -> dict:
@@ -40,11 +52,24 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Through a Redis restart running jobs finish and store their result (its writes are retried);
+        # an ack lost with the connection only brings the message back, and that attempt returns the
+        # stored file (tasks.storage) or waits for the running one (tasks.leases).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": RESULT_STORE_RETRIES,
+        "broker_connection_max_retries": None,  # a worker waits for Redis however long it is away
+        # Every message passes tasks.boundary before Celery reads it (see also SynthesisTask.Strategy).
+        "worker_consumer": "tasks.boundary:GuardedConsumer",
         # Per-job limits scale with the text (SynthesisRequest); these cover the longest text.
         "task_soft_time_limit": longest_soft,
         "task_time_limit": longest_hard,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Look for the messages of killed workers every RESTORE_INTERVAL s (kombu: every 100 s).
+            "unacked_restore_interval": RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+        },
         "result_expires": settings.result_expires,
         "task_track_started": True,
         "worker_concurrency": settings.concurrency,
@@ -91,6 +116,8 @@ def prepare_worker_parent(sender, instance, **_):
         logger.warning("pocket-tts: %s", warning)
     logger.info("pocket-tts thread budget: %s", budget.describe())
     logger.info("pocket-tts audio storage: %s", settings.storage_dir)
+    _prepare_storage(settings)
+    _share_visibility_timeout(settings)
     if in_process:  # no fork: this process runs the jobs, so it loads the model before taking any
         _load_model(f"threads pool, batch {settings.max_batch}" if settings.batching else "threads pool")
         return
@@ -107,6 +134,42 @@ def prepare_worker_parent(sender, instance, **_):
     # touch (and copy) the pages of the parent's objects. Measured: ~40 MB less private memory per child.
     gc.collect()
     gc.freeze()
+
+
+def _prepare_storage(settings: Settings) -> None:
+    try:
+        check_storage_root(settings.storage_dir)
+    except StorageError as exc:  # jobs fail with the same line until the folder is there
+        logger.error("pocket-tts: %s", exc)
+        return
+    # A .part older than any job is the leftover of a killed writer.
+    removed = remove_stale_parts(settings.storage_dir, settings.longest_time_limits[1])
+    if removed:
+        logger.info("pocket-tts: removed %d unfinished .part file(s) left by killed jobs", removed)
+
+
+def _share_visibility_timeout(settings: Settings) -> None:
+    """Every worker of the fleet uses the largest visibility timeout any of them needs, kept in Redis.
+
+    A worker with a shorter one would hand a job still running elsewhere to another worker.
+    """
+    import redis  # Celery's Redis backend needs it anyway
+
+    own = settings.visibility_timeout
+    try:
+        client = redis.Redis.from_url(settings.result_backend, socket_timeout=5, socket_connect_timeout=5)
+        with client:
+            fleet = int(client.eval(_SHARE_VISIBILITY, 1, VISIBILITY_KEY, own))
+    except Exception as exc:  # noqa: BLE001 - Redis not up yet: our own value, leases still prevent overlap
+        logger.warning("pocket-tts: fleet visibility timeout not read (%s); using %d s", exc, own)
+        fleet = own
+    if fleet != own:
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": fleet}
+    logger.info(
+        "pocket-tts recovery: visibility timeout %d s (fleet-wide; ours %d s): jobs of a killed worker "
+        "run again within %d s",
+        fleet, own, fleet + RESTORE_INTERVAL,
+    )
 
 
 def _refuse_to_start(reason: str):

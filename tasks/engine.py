@@ -37,7 +37,7 @@ class Engine:
         self.description = description
         self._voice_cache_size = voice_cache_size
         self._voice_states: OrderedDict[tuple, object] = OrderedDict()
-        self._voice_lock = threading.Lock()  # pool threads share the cache
+        self._voice_lock = threading.Lock()  # guards the cache only, never a load
         self._batcher = None
         if max_batch > 1:
             from pocket_tts.batching import BatchedSynthesizer
@@ -72,19 +72,30 @@ class Engine:
         return self.model.sample_rate
 
     def voice_state(self, voice: str):
-        """The voice state for a resolved voice; a file's state is rebuilt when the file changes."""
-        key = (voice, Path(voice).stat().st_mtime_ns if os.path.isabs(voice) else None)
+        """The voice state for a resolved voice; a file's state is rebuilt when the file changes.
+
+        Only the cache is locked: a slow voice load never makes other voices' jobs wait
+        (two jobs loading the same new voice at once each build it).
+        """
+        try:
+            key = (voice, Path(voice).stat().st_mtime_ns if os.path.isabs(voice) else None)
+        except OSError as exc:
+            raise InvalidJobError(f"voice {voice!r} cannot be used: {exc.strerror or exc}") from None
         with self._voice_lock:
-            state = self._voice_states.pop(key, None)
-            if state is None:
-                try:
-                    state = self.model.get_state_for_audio_prompt(voice)
-                except (ValueError, FileNotFoundError) as exc:
-                    raise InvalidJobError(f"voice {voice!r} cannot be used: {exc}") from None
+            state = self._voice_states.get(key)
+            if state is not None:
+                self._voice_states.move_to_end(key)
+                return state
+        try:
+            state = self.model.get_state_for_audio_prompt(voice)
+        except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # a corrupt or hostile file
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InvalidJobError(f"voice {voice!r} cannot be used: {reason}") from None
+        with self._voice_lock:
             self._voice_states[key] = state
             while len(self._voice_states) > self._voice_cache_size:
                 self._voice_states.popitem(last=False)
-            return state
+        return state
 
     def synthesize(self, job: Job):
         """1-D float32 audio at `sample_rate` (the voice state is never mutated)."""

@@ -116,38 +116,58 @@ def redis_binary() -> str:
 class RedisServer:
     process: subprocess.Popen
     port: int
+    workdir: str
+    persistent: bool = False
 
     @property
     def url(self) -> str:
         """redis://127.0.0.1:<port>, without a database number."""
         return f"redis://127.0.0.1:{self.port}"
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash or an OOM kill would (with `persistent`, its data survives)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def start(self, timeout: float = REDIS_START_TIMEOUT) -> None:
+        """Start it again on the same port and folder (after `kill`)."""
+        self.process = _spawn_redis(self.port, self.workdir, self.persistent)
+        if not _wait_for_pong(self.process, self.port, timeout):
+            stop_process_group(self.process)
+            raise StackError(f"redis-server did not come back on port {self.port} within {timeout:g} s")
+
+
+def _spawn_redis(port: int, workdir: str, persistent: bool) -> subprocess.Popen:
+    # persistent: every write is in the append-only file before Redis answers, as a production
+    # setup that must not lose queued jobs would run it.
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    return subprocess.Popen(
+        [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
 
 @contextmanager
-def redis_server(timeout: float = REDIS_START_TIMEOUT) -> Iterator[RedisServer]:
-    """A redis-server on 127.0.0.1 and a free port, without persistence, in its own temporary folder."""
-    binary = redis_binary()
+def redis_server(timeout: float = REDIS_START_TIMEOUT, persistent: bool = False) -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 and a free port in its own temporary folder (append-only file if `persistent`)."""
+    redis_binary()
     with tempfile.TemporaryDirectory(prefix="pocket-tts-redis-") as workdir:
-        process = None
+        server = None
         try:
             for _ in range(3):  # another process may take the free port before redis binds it
                 port = free_port()
-                no_persistence = ["--save", "", "--appendonly", "no"]
-                process = subprocess.Popen(
-                    [binary, "--bind", "127.0.0.1", "--port", str(port), *no_persistence, "--dir", workdir],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-                if _wait_for_pong(process, port, timeout):
+                server = RedisServer(_spawn_redis(port, workdir, persistent), port, workdir, persistent)
+                if _wait_for_pong(server.process, server.port, timeout):
                     break
-                stop_process_group(process)
+                stop_process_group(server.process)
             else:
                 raise StackError(f"redis-server did not answer PING within {timeout:g} s")
-            yield RedisServer(process, port)
+            yield server
         finally:
-            if process is not None:
-                stop_process_group(process, timeout=10)
+            if server is not None:
+                stop_process_group(server.process, timeout=10)
 
 
 def _wait_for_pong(process: subprocess.Popen, port: int, timeout: float) -> bool:

@@ -1,38 +1,68 @@
-"""The tasks: `pocket_tts.synthesize` (text -> audio file path) and `pocket_tts.worker_info`."""
+"""The tasks: `pocket_tts.synthesize` (text -> audio file path) and `pocket_tts.worker_info`.
+
+Every message reaches them through `tasks.boundary`, which refuses malformed
+ones in the worker's main process; the task validates the values, runs the
+engine and stores the audio once (`tasks.storage`), holding the job's lease
+(`tasks.leases`) so that no two attempts of a job ever run at once.
+"""
 
 from __future__ import annotations
 
+import threading
+
+from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
 from tasks.celery_app import app
 from tasks.deliveries import record_delivery
 from tasks.engine import load_engine, process_info
 from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError, SynthesisTimeLimitError
-from tasks.storage import audio_path, write_atomically
+from tasks.leases import REFRESH_INTERVAL, JobLease, release_lease
+from tasks.storage import audio_path, write_once
 from tasks.validation import validate_job
 from worker_config import current_settings
+
+BOUNDARY_STRATEGY = "tasks.boundary:guarded_strategy"
 
 
 class SynthesisRequest(Request):
     """Worker-side request whose time limits scale with the text length.
 
     Computed here, from the message body, so jobs sent by name from web apps
-    (`send_task`) get them too; limits set explicitly by the sender win.
+    (`send_task`) get them too; limits set explicitly by the sender win. Runs in
+    the worker's main process: nothing here may assume the arguments' shapes.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(self.time_limits):
             settings = current_settings()
-            text = self.args[0] if self.args else self.kwargs.get("text")
+            text = _text_argument(self.args, self.kwargs)
             soft, hard = settings.time_limits(len(text) if isinstance(text, str) else settings.max_text_chars)
             self.time_limits = (hard, soft)  # Celery's order
+
+    def on_failure(self, exc_info, *args, **kwargs):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap billiard's ExceptionWithTraceback
+        if isinstance(exc, (WorkerLostError, TimeLimitExceeded)):
+            # The process that held the job's lease is gone: its next attempt need not wait for the TTL.
+            # In a thread: the main process's event loop must not wait on Redis.
+            client, task_id = self.task.backend.client, self.id
+            threading.Thread(target=release_lease, args=(client, task_id), daemon=True).start()
+        return super().on_failure(exc_info, *args, **kwargs)
+
+
+def _text_argument(args, kwargs):
+    if isinstance(args, (list, tuple)) and args:
+        return args[0]
+    return kwargs.get("text") if isinstance(kwargs, dict) else None
 
 
 class SynthesisTask(Task):
     Request = SynthesisRequest
+    Strategy = BOUNDARY_STRATEGY
+    max_retries = None  # retries only wait for a running attempt's lease (bounded by its hard time limit)
     # Expected failures: logged as one line, without a traceback, and never retried.
     throws = (InvalidJobError, StorageError, RedeliveryLimitError, SynthesisTimeLimitError)
 
@@ -43,18 +73,27 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     """Synthesize `text` and return the path of the audio file in the shared storage.
 
     With `seed`, running the job again gives the same audio (same worker settings and model).
+    A job whose file exists already (a redelivered message, a re-sent task id)
+    returns that file without generating anything.
     """
     settings = current_settings()
-    record_delivery(self.backend, self.request.id, settings.max_deliveries, settings.result_expires)
     job = validate_job(text, voice, temperature, format, settings, seed)
     path = audio_path(settings.storage_dir, self.request.id, job.format)
-    engine = load_engine(settings)  # already loaded in a prefork child; loads on first use elsewhere
-
-    from pocket_tts.audio import write_audio  # torch module: workers only
-
+    if path.is_file():
+        return str(path)
+    lease = JobLease(self.backend.client, self.request.id)
+    if not lease.acquire():  # another attempt runs: come back when it has finished or died
+        raise self.retry(countdown=2 * REFRESH_INTERVAL)
     try:
+        if path.is_file():  # finished between the first check and the lease
+            return str(path)
+        record_delivery(self.backend, self.request.id, settings.max_deliveries, settings.result_expires)
+        engine = load_engine(settings)  # already loaded in a prefork child; loads on first use elsewhere
+
+        from pocket_tts.audio import encode_audio  # torch module: workers only
+
         audio = engine.synthesize(job)
-        write_atomically(path, lambda temp_path: write_audio(temp_path, audio, engine.sample_rate, job.format))
+        write_once(settings.storage_dir, path, encode_audio(audio, engine.sample_rate, job.format))
     except SoftTimeLimitExceeded:
         _, sent_soft_limit = self.request.timelimit or (None, None)
         soft_limit = sent_soft_limit or settings.time_limits(len(job.text))[0]
@@ -62,10 +101,12 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
             f"synthesis of {len(job.text)} characters passed its soft time limit of {soft_limit:g} s "
             "(POCKET_TTS_TIME_LIMIT_BASE / POCKET_TTS_TIME_LIMIT_PER_CHAR)"
         ) from None
+    finally:
+        lease.release()
     return str(path)
 
 
-@app.task(name="pocket_tts.worker_info")
+@app.task(name="pocket_tts.worker_info", Strategy=BOUNDARY_STRATEGY)
 def worker_info() -> dict:
     """pid, torch threads, inter-op threads, model and readiness of the process that runs it."""
     return process_info()

@@ -7,7 +7,7 @@ that needs them: this module is imported by web processes too.
 
 from __future__ import annotations
 
-import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +18,10 @@ from worker_config import Settings
 VOICE_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".safetensors")
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+MAX_VOICE_NAME_BYTES = 255  # one file name on Linux file systems
+# Letters and digits are what the model can speak; a text of only punctuation,
+# symbols (emoji), marks, spaces or invisible format characters (BOM, zero-width) is noise.
+_SPEAKABLE_CATEGORIES = ("L", "N")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,11 @@ def validate_job(text, voice, temperature, format, settings: Settings, seed=None
 def resolve_voice(voice, voices_dir: Path | None) -> str:
     """A catalogue voice name as is, or the real path of a file inside `voices_dir`."""
     if not isinstance(voice, str) or not voice.strip():
-        raise InvalidJobError(f"voice must be a non-empty string, got {voice!r}")
+        raise InvalidJobError(f"voice must be a non-empty string, got {_short_repr(voice)}")
+    if not voice.isprintable() or not _encodable(voice):
+        raise InvalidJobError(f"voice {_short_repr(voice)} contains control or unencodable characters")
+    if any(len(part.encode()) > MAX_VOICE_NAME_BYTES for part in voice.split("/")):
+        raise InvalidJobError(f"voice {_short_repr(voice)} has a name over {MAX_VOICE_NAME_BYTES} bytes")
     if voice in PREDEFINED_VOICES:
         return voice
     unknown = InvalidJobError(
@@ -72,16 +80,38 @@ def _checked_text(text, max_chars: int) -> str:
         raise InvalidJobError(
             f"text is {len(text)} characters long; the limit is {max_chars} (POCKET_TTS_MAX_TEXT_CHARS)"
         )
+    if not _encodable(text):
+        position = next(i for i, char in enumerate(text) if not _encodable(char))
+        raise InvalidJobError(f"text has an unencodable character U+{ord(text[position]):04X} at position {position}")
+    if not any(unicodedata.category(char)[0] in _SPEAKABLE_CATEGORIES for char in text):
+        raise InvalidJobError(
+            "text has nothing to speak: no letter or digit (only punctuation, symbols, emoji or invisible characters)"
+        )
     return text
+
+
+def _encodable(text: str) -> bool:
+    """False for lone surrogates, which JSON carries but UTF-8 (and the tokenizer) cannot."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown)} characters)"
 
 
 def _checked_temperature(temperature) -> float | None:
     if temperature is None:
         return None
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise InvalidJobError(f"temperature must be a number, got {temperature!r}")
-    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
-        raise InvalidJobError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature!r}")
+        raise InvalidJobError(f"temperature must be a number, got {_short_repr(temperature)}")
+    # No float conversion: JSON integers are unbounded (10**400 overflows a float); NaN fails both comparisons.
+    if not (0 <= temperature <= MAX_TEMPERATURE):
+        raise InvalidJobError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {_short_repr(temperature)}")
     return float(temperature)
 
 
@@ -89,13 +119,13 @@ def _checked_seed(seed) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidJobError(f"seed must be an integer between 0 and 2**64-1, got {seed!r}")
+        raise InvalidJobError(f"seed must be an integer between 0 and 2**64-1, got {_short_repr(seed)}")
     return seed
 
 
 def _checked_format(format) -> str:
     from pocket_tts.audio import SUPPORTED_FORMATS
 
-    if format not in SUPPORTED_FORMATS:
-        raise InvalidJobError(f"format {format!r} is not supported; use one of {', '.join(SUPPORTED_FORMATS)}")
+    if not isinstance(format, str) or format not in SUPPORTED_FORMATS:
+        raise InvalidJobError(f"format {_short_repr(format)} is not supported; use one of {', '.join(SUPPORTED_FORMATS)}")
     return format

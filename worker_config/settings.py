@@ -30,7 +30,12 @@ from worker_config.cpu_budget import (
 )
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
-MIN_VISIBILITY_TIMEOUT = 3600  # kombu's own default, the floor of ours
+# The visibility timeout is how long a job of a killed worker main process waits before another
+# worker runs it: the longest hard limit plus this margin (a job's lease, tasks.leases, stops a
+# second attempt from starting while the first still runs).
+VISIBILITY_MARGIN = 60
+# How often each worker looks for such jobs (kombu's unacked_restore_interval; throttle 1).
+RESTORE_INTERVAL = 10
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -88,6 +93,11 @@ class Settings:
     @property
     def longest_time_limits(self) -> tuple[float, float]:
         return self.time_limits(self.max_text_chars)
+
+    @property
+    def recovery_bound(self) -> int:
+        """Seconds until the jobs of a killed worker main process run again, at most."""
+        return self.visibility_timeout + RESTORE_INTERVAL
 
     @property
     def batching(self) -> bool:
@@ -207,11 +217,11 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     time_limit_grace = env.seconds("POCKET_TTS_TIME_LIMIT_GRACE", 30.0, minimum=1)
     longest_hard_limit = time_limit_base + time_limit_per_char * max_text_chars + time_limit_grace
     # A job still running when the visibility timeout expires is handed to a second worker.
-    needed_visibility = math.ceil(2 * longest_hard_limit)
-    visibility_timeout = env.integer("POCKET_TTS_VISIBILITY_TIMEOUT", max(MIN_VISIBILITY_TIMEOUT, needed_visibility))
+    needed_visibility = math.ceil(longest_hard_limit) + 1
+    visibility_timeout = env.integer("POCKET_TTS_VISIBILITY_TIMEOUT", needed_visibility - 1 + VISIBILITY_MARGIN)
     if visibility_timeout < needed_visibility:
         raise SettingsError(
-            f"POCKET_TTS_VISIBILITY_TIMEOUT={visibility_timeout} must be at least twice the longest hard "
+            f"POCKET_TTS_VISIBILITY_TIMEOUT={visibility_timeout} must be longer than the longest hard "
             f"time limit ({longest_hard_limit:g} s for {max_text_chars} characters): use >= {needed_visibility}"
         )
 

@@ -25,6 +25,7 @@ JOB_TIMEOUT = 60
 
 @pytest.fixture(scope="session")
 def inprocess_settings(parity_dir, service_files):
+    (service_files.root / "inprocess-audio").mkdir(exist_ok=True)
     return load_settings(
         {
             "POCKET_TTS_CONFIG": str(parity_dir / "config.yaml"),
@@ -69,13 +70,11 @@ def test_synthesize_stores_the_engines_audio(celery_session_worker, inprocess_se
 
 
 def test_a_full_disk_fails_the_job_without_a_partial_file(celery_session_worker, inprocess_settings, monkeypatch):
-    import pocket_tts.audio
-
-    def write_half_then_fill_the_disk(path, samples, sample_rate, format):
-        Path(path).write_bytes(b"RIFF\x00\x00")
+    def write_half_then_fill_the_disk(fd, data):
+        os.write(fd, data[:6])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pocket_tts.audio, "write_audio", write_half_then_fill_the_disk)
+    monkeypatch.setattr("tasks.storage._write_all", write_half_then_fill_the_disk)
     result = synthesize.delay("No room.")
     result.get(timeout=JOB_TIMEOUT, propagate=False)
 

@@ -16,7 +16,7 @@ from tasks import app
 from tasks.celery_app import celery_config
 from tasks.deliveries import KEY_PREFIX, record_delivery
 from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError
-from tasks.storage import audio_path, write_atomically
+from tasks.storage import audio_path, remove_stale_parts, write_once
 from tasks.synthesis import SynthesisRequest
 from tasks.validation import resolve_voice, validate_job
 from worker_config import UsableCpus, load_settings
@@ -140,44 +140,111 @@ def test_unsafe_task_ids_are_refused(tmp_path, task_id):
         audio_path(tmp_path, task_id, "wav")
 
 
-def test_atomic_write_publishes_a_complete_readable_file(tmp_path):
+def test_a_job_file_is_published_complete_and_readable(tmp_path):
     target = tmp_path / "ab" / "cd" / "job.wav"
 
-    write_atomically(target, lambda temp: temp.write_bytes(b"RIFF done"))
+    assert write_once(tmp_path, target, b"RIFF done")
 
     assert target.read_bytes() == b"RIFF done"
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
     assert sorted(p.name for p in target.parent.iterdir()) == ["job.wav"]
 
 
-def test_a_full_disk_fails_the_job_and_leaves_no_partial_file(tmp_path):
+def test_a_finished_file_is_never_overwritten(tmp_path):
+    target = tmp_path / "ab" / "cd" / "job.wav"
+    write_once(tmp_path, target, b"first")
+
+    assert not write_once(tmp_path, target, b"second attempt")
+
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["job.wav"]
+
+
+def test_leftovers_of_a_killed_attempt_are_removed(tmp_path):
+    target = tmp_path / "ab" / "cd" / "job.wav"
+    target.parent.mkdir(parents=True)
+    (target.parent / ".job.wav.x1y2.part").write_bytes(b"RI")
+    (target.parent / ".other.wav.x1y2.part").write_bytes(b"RI")  # another job's, maybe running
+
+    write_once(tmp_path, target, b"RIFF")
+
+    assert sorted(p.name for p in target.parent.iterdir()) == [".other.wav.x1y2.part", "job.wav"]
+    os.utime(target.parent / ".other.wav.x1y2.part", (0, 0))
+    assert remove_stale_parts(tmp_path, older_than_s=3600) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["job.wav"]
+
+
+def test_a_full_disk_fails_the_job_and_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "ab" / "cd" / "job.wav"
 
-    def fill_the_disk(temp):
-        temp.write_bytes(b"RIFF half")
+    def fill_the_disk(fd, data):
+        os.write(fd, data[:3])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    monkeypatch.setattr("tasks.storage._write_all", fill_the_disk)
     with pytest.raises(StorageError, match=f"cannot write audio file {target}: No space left on device"):
-        write_atomically(target, fill_the_disk)
+        write_once(tmp_path, target, b"RIFF half")
     assert list(target.parent.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (needs root), unmounted afterwards."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("optimize", [[], ["-O"]])
+def test_a_real_full_disk_is_a_storage_error_even_under_python_O(tiny_tmpfs, optimize):
+    script = (
+        "import sys; from pathlib import Path; from tasks.storage import write_once; from tasks.errors import StorageError\n"
+        "root = Path(sys.argv[1])\n"
+        "try:\n"
+        "    write_once(root, root / 'ab' / 'cd' / 'job.wav', b'x' * 200_000)\n"
+        "except StorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, *optimize, "-c", script, str(tiny_tmpfs)], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.strip().endswith("job.wav: No space left on device")
+    assert [p for p in tiny_tmpfs.rglob("*") if p.is_file()] == []
+
+
+def test_a_missing_storage_root_is_an_error_not_a_new_folder(tmp_path):
+    missing = tmp_path / "not-mounted"
+
+    with pytest.raises(StorageError, match="storage directory .*not-mounted does not exist .*is the volume mounted"):
+        write_once(missing, missing / "ab" / "cd" / "job.wav", b"RIFF")
+    assert not missing.exists()
 
 
 def test_unwritable_storage_fails_the_job_clearly(tmp_path):
     (tmp_path / "ab").write_text("a file where a shard folder should be")
 
     with pytest.raises(StorageError, match=f"cannot write audio in {tmp_path / 'ab' / 'cd'}: "):
-        write_atomically(tmp_path / "ab" / "cd" / "job.wav", lambda temp: None)
+        write_once(tmp_path, tmp_path / "ab" / "cd" / "job.wav", b"RIFF")
 
 
-def test_an_interrupted_write_leaves_no_file_and_is_not_disguised(tmp_path):
+def test_an_interrupted_write_leaves_no_file_and_is_not_disguised(tmp_path, monkeypatch):
     target = tmp_path / "job.wav"
 
-    def interrupted(temp):
-        temp.write_bytes(b"RIFF")
+    def interrupted(fd, data):
+        os.write(fd, data)
         raise KeyboardInterrupt  # stands for SoftTimeLimitExceeded or a shutdown
 
+    monkeypatch.setattr("tasks.storage._write_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_atomically(target, interrupted)
+        write_once(tmp_path, target, b"RIFF")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -234,7 +301,11 @@ def test_celery_settings_hold_the_reliability_rules():
     assert config["task_serializer"] == config["result_serializer"] == "json"
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1
-    assert config["broker_transport_options"]["visibility_timeout"] >= 2 * config["task_time_limit"]
+    assert config["broker_transport_options"]["visibility_timeout"] > config["task_time_limit"]
+    assert config["broker_transport_options"]["unacked_restore_throttle"] == 1
+    assert not config["worker_cancel_long_running_tasks_on_connection_loss"]  # running jobs finish and store
+    assert config["result_backend_always_retry"]
+    assert config["worker_consumer"] == "tasks.boundary:GuardedConsumer"
     assert config["task_soft_time_limit"] < config["task_time_limit"]
     assert config["worker_send_task_events"] and config["task_send_sent_event"]
     assert config["worker_max_memory_per_child"] == 1500 * 1024  # KiB

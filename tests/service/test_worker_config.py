@@ -90,7 +90,7 @@ def test_default_concurrency_is_usable_cpus_over_threads(threads, cpus, concurre
         ({"POCKET_TTS_TIME_LIMIT_PER_CHAR": "nan"}, "POCKET_TTS_TIME_LIMIT_PER_CHAR must be a number of seconds"),
         ({"POCKET_TTS_ALLOW_OVERSUBSCRIBE": "maybe"}, "POCKET_TTS_ALLOW_OVERSUBSCRIBE must be 1/0"),
         ({"POCKET_TTS_LANGUAGE": "english", "POCKET_TTS_CONFIG": "c.yaml"}, "either POCKET_TTS_LANGUAGE or"),
-        ({"POCKET_TTS_VISIBILITY_TIMEOUT": "100"}, "must be at least twice the longest hard time limit"),
+        ({"POCKET_TTS_VISIBILITY_TIMEOUT": "160"}, "must be longer than the longest hard time limit"),
         ({"CELERY_BROKER_URL": "notaurl"}, "CELERY_BROKER_URL='notaurl' is not a URL"),
         ({"CELERY_BROKER_URL": "redis://:pw@h:99999/0"}, r"CELERY_BROKER_URL='redis://:\*\*@h:99999/0': bad port"),
         ({"CELERY_RESULT_BACKEND": "nosuch://h/0"}, "CELERY_RESULT_BACKEND='nosuch://h/0': unknown transport"),
@@ -102,7 +102,7 @@ def test_invalid_values_name_the_variable(env, message):
         settings_from(**env)
 
 
-def test_time_limits_scale_with_the_text_and_the_visibility_timeout_covers_twice_the_longest():
+def test_time_limits_scale_with_the_text_and_the_visibility_timeout_covers_the_longest():
     settings = settings_from(
         POCKET_TTS_TIME_LIMIT_BASE=10, POCKET_TTS_TIME_LIMIT_PER_CHAR=0.5, POCKET_TTS_TIME_LIMIT_GRACE=5,
         POCKET_TTS_MAX_TEXT_CHARS=4000,
@@ -111,7 +111,15 @@ def test_time_limits_scale_with_the_text_and_the_visibility_timeout_covers_twice
     assert settings.time_limits(0) == (10, 15)
     assert settings.time_limits(100) == (60, 65)
     assert settings.longest_time_limits == settings.time_limits(10**6) == (2010, 2015)
-    assert settings.visibility_timeout == 4030
+    assert settings.visibility_timeout == 2015 + 60  # the longest hard limit and a margin
+    assert settings.recovery_bound == 2075 + 10  # and one restore sweep
+
+
+def test_default_recovery_after_a_killed_main_process_is_under_five_minutes():
+    settings = settings_from()
+
+    assert settings.longest_time_limits == (130, 160)
+    assert settings.recovery_bound == 160 + 60 + 10
 
 
 def test_batching_scales_the_per_character_limit_with_the_rows_sharing_the_process():
@@ -119,7 +127,7 @@ def test_batching_scales_the_per_character_limit_with_the_rows_sharing_the_proce
     settings = settings_from(POCKET_TTS_MAX_BATCH=8, POCKET_TTS_MAX_TEXT_CHARS=1000, **limits)
 
     assert settings.time_limits(100) == (410, 415)
-    assert settings.visibility_timeout == 2 * (10 + 4 * 1000 + 5)  # covers the longest batched job
+    assert settings.visibility_timeout == 10 + 4 * 1000 + 5 + 60  # covers the longest batched job
 
 
 def test_missing_model_files_are_reported(tmp_path):
