@@ -6,7 +6,9 @@ reads the weights once for all of them. `BatchedSynthesizer` runs a loop thread
 that keeps up to `max_batch` text chunks in flight: chunks of any request join
 as soon as a row is free and leave when they reach their end of speech, and each
 request's future resolves as soon as all of its chunks are done. A failure
-inside one request fails only that request's future.
+inside one request fails only that request's future. A request can also hand
+out its audio as it is produced (`on_audio`, in order) and be cancelled through
+its future: its rows are freed at the next step.
 
 Rows are kept compact (active streams occupy rows 0..n-1 of one batched KV
 cache and of one batched Mimi decoder state) so a step only touches live rows;
@@ -18,8 +20,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +40,23 @@ class _Request:
     pieces: list[list[torch.Tensor]]
     remaining: int
     failed: bool = False
+    on_audio: Callable[[torch.Tensor], None] | None = None
+    chunks_done: list[bool] = field(default_factory=list)
+    emitted: tuple[int, int] = (0, 0)  # (chunk, piece) of the next piece handed to on_audio
+
+    def emit_ready_pieces(self) -> None:
+        """Hand `on_audio` the pieces produced since the last call, in utterance order: a later
+        chunk's pieces wait until every earlier chunk has ended."""
+        chunk, piece = self.emitted
+        while chunk < len(self.pieces):
+            pieces = self.pieces[chunk]
+            for ready in pieces[piece:]:
+                self.on_audio(ready)
+            piece = len(pieces)
+            if not self.chunks_done[chunk]:
+                break
+            chunk, piece = chunk + 1, 0
+        self.emitted = (chunk, piece)
 
 
 @dataclass
@@ -70,18 +90,23 @@ class BatchedSynthesizer:
     # ------------------------------------------------------------------ public API
     def submit(self, voice_state: VoiceState, text: str, temp: float | None = None,
                max_tokens: int = MAX_TOKENS_PER_CHUNK, frames_after_eos: int | None = None,
-               seed: int | None = None) -> Future:  # fmt: skip
+               seed: int | None = None, on_audio: Callable[[torch.Tensor], None] | None = None) -> Future:  # fmt: skip
         """Queue one utterance; the future's result is its 1-D float32 audio.
 
         With `seed`, each chunk draws its noise from its own generator, as `generate_audio`
         does: the same seed gives the same audio whatever else shares the batch.
 
+        `on_audio(piece)`, if given, receives the audio pieces in order as they are produced,
+        on the loop thread (keep it short, e.g. a queue's put). `future.cancel()` stops the
+        request: its rows leave the batch at the next step and the future stays cancelled.
         Text errors (empty text, bad options) raise here, in the caller's thread.
         """
         model = self.model
         temp = model.checked_temperature(temp)
         chunks = model.text_chunks(text, max_tokens, frames_after_eos)
-        request = _Request(Future(), [[] for _ in chunks], len(chunks))
+        request = _Request(
+            Future(), [[] for _ in chunks], len(chunks), on_audio=on_audio, chunks_done=[False] * len(chunks)
+        )
         streams = [
             _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))), generator)
             for index, ((ids, after_eos), generator) in enumerate(zip(chunks, chunk_generators(seed, len(chunks))))
@@ -137,7 +162,7 @@ class BatchedSynthesizer:
             if stream is None:
                 stopping = True
                 break
-            if stream.request.failed:
+            if stream.request.failed or stream.request.future.cancelled():
                 continue
             try:
                 with torch.inference_mode():
@@ -207,6 +232,8 @@ class BatchedSynthesizer:
         # Every row decodes one frame in one call; rows that just ended decode their unused latent.
         audio = model.mimi.decode(model.flow_lm.to_mimi_space(frame.latents[:, None]), self._decoder)[:, 0]
         for row, stream in enumerate(streams):
+            if stream.request.future.cancelled():
+                stream.done = True
             if stream.done:
                 continue
             piece = audio[row].clone()  # a view would keep the whole batch's audio alive
@@ -215,6 +242,8 @@ class BatchedSynthesizer:
             stream.request.pieces[stream.chunk_index].append(piece)
             stream.done = stream.progress.exhausted
         self._drop_finished()
+        for request in {id(s.request): s.request for s in streams if s.request.on_audio is not None}.values():
+            self._emit(request)
 
     def _drop_finished(self) -> None:
         """Remove finished rows, moving the last row into each freed one, and complete their requests."""
@@ -239,12 +268,27 @@ class BatchedSynthesizer:
     def _complete_chunk(self, stream: _Stream) -> None:
         request = stream.request
         request.remaining -= 1
+        request.chunks_done[stream.chunk_index] = True
+        if request.future.cancelled():
+            return
+        if request.on_audio is not None:
+            self._emit(request)
         if request.remaining == 0 and not request.failed:
             audio = torch.cat([piece for chunk in request.pieces for piece in chunk] or [torch.zeros(0)])
             request.future.set_result(audio)
 
+    def _emit(self, request: _Request) -> None:
+        if request.failed or request.future.cancelled():
+            return
+        try:
+            request.emit_ready_pieces()
+        except Exception as exc:  # a failing consumer fails its own request only
+            self._fail(request, exc)
+
     @staticmethod
     def _fail(request: _Request, exc: BaseException) -> None:
+        if request.future.cancelled():
+            return
         if not request.failed:
             request.failed = True
             request.future.set_exception(exc)

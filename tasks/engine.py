@@ -11,9 +11,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -97,14 +99,45 @@ class Engine:
                 self._voice_states.popitem(last=False)
         return state
 
-    def synthesize(self, job: Job):
-        """1-D float32 audio at `sample_rate` (the voice state is never mutated)."""
+    def synthesize(self, job: Job, on_audio: Callable | None = None):
+        """1-D float32 audio at `sample_rate` (the voice state is never mutated).
+
+        `on_audio(piece)` receives the audio in order as it is produced, in the calling
+        thread; an exception it raises stops the generation and propagates.
+        """
         voice = self.voice_state(job.voice)
         if self._batcher is not None:  # generated together with the other pool threads' jobs
-            return self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed).result()
-        audio = self.model.generate_audio(voice, job.text, temp=job.temperature, seed=job.seed)
+            return self._batched(voice, job, on_audio)
+        if on_audio is None:
+            audio = self.model.generate_audio(voice, job.text, temp=job.temperature, seed=job.seed)
+        else:
+            pieces = []
+            for piece in self.model.generate_audio_stream(voice, job.text, temp=job.temperature, seed=job.seed):
+                on_audio(piece)
+                pieces.append(piece)
+            audio = _concatenated(pieces)
         return_freed_heap()
         return audio
+
+    def _batched(self, voice, job: Job, on_audio: Callable | None):
+        if on_audio is None:
+            return self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed).result()
+        produced: queue.SimpleQueue = queue.SimpleQueue()  # filled by the batcher's loop thread
+        future = self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed, on_audio=produced.put)
+        future.add_done_callback(lambda _: produced.put(None))
+        try:
+            while (piece := produced.get()) is not None:
+                on_audio(piece)
+        except BaseException:
+            future.cancel()  # the batcher frees the job's rows at its next step
+            raise
+        return future.result()
+
+
+def _concatenated(pieces: list):
+    import torch
+
+    return torch.cat(pieces) if pieces else torch.zeros(0)
 
 
 @cache

@@ -303,3 +303,62 @@ def running_worker(
         yield worker
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------
+# Gateway
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """One `python -m gateway` subprocess (the HTTP API), leader of its own process group."""
+
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+@contextmanager
+def running_gateway(env: Mapping[str, str], log: Path, *args: str, timeout: float = 30.0) -> Iterator[Gateway]:
+    """A gateway on 127.0.0.1 and a free port that answers GET /health (any status); stopped on exit."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--port", str(port), *args],
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    gateway = Gateway(process, port, log)
+    try:
+        _wait_for_http(gateway, timeout)
+        yield gateway
+    finally:
+        stop_process_group(process)
+
+
+def _wait_for_http(gateway: Gateway, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{gateway.url}/health", timeout=5).close()
+            return
+        except urllib.error.HTTPError:  # answered, e.g. 503 while no worker is up
+            return
+        except OSError:
+            if gateway.process.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"gateway did not answer within {timeout:g} s:\n{gateway.log_tail()}") from None
+            time.sleep(0.1)

@@ -15,6 +15,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
+from tasks import audio_stream
 from tasks.celery_app import app
 from tasks.deliveries import record_delivery
 from tasks.engine import load_engine, process_info
@@ -66,15 +67,25 @@ class SynthesisTask(Task):
     # Expected failures: logged as one line, without a traceback, and never retried.
     throws = (InvalidJobError, StorageError, RedeliveryLimitError, SynthesisTimeLimitError)
 
+    # A streaming job's reader learns how it ended from its audio stream (tasks.audio_stream).
+    def on_success(self, retval, task_id, args, kwargs):
+        if kwargs.get("stream"):
+            audio_stream.publish_end(task_id)
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        if kwargs.get("stream"):
+            audio_stream.publish_error(task_id, exc)
+
 
 @app.task(name="pocket_tts.synthesize", bind=True, base=SynthesisTask)
 def synthesize(self, text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav",
-               seed: int | None = None) -> str:  # fmt: skip
+               seed: int | None = None, stream: bool = False) -> str:  # fmt: skip
     """Synthesize `text` and return the path of the audio file in the shared storage.
 
     With `seed`, running the job again gives the same audio (same worker settings and model).
     A job whose file exists already (a redelivered message, a re-sent task id)
     returns that file without generating anything.
+    `stream`: also publish the audio while it is generated (tasks.audio_stream).
     """
     settings = current_settings()
     job = validate_job(text, voice, temperature, format, settings, seed)
@@ -92,7 +103,7 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
 
         from pocket_tts.audio import encode_audio  # torch module: workers only
 
-        audio = engine.synthesize(job)
+        audio = engine.synthesize(job, audio_stream.AudioPublisher(self, engine.sample_rate) if stream else None)
         write_once(settings.storage_dir, path, encode_audio(audio, engine.sample_rate, job.format))
     except SoftTimeLimitExceeded:
         _, sent_soft_limit = self.request.timelimit or (None, None)

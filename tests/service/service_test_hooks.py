@@ -22,7 +22,7 @@ from tasks import engine
 _synthesize = engine.Engine.synthesize
 
 
-def _misbehaving_synthesize(self, job):
+def _misbehaving_synthesize(self, job, *args, **kwargs):
     if job.text.startswith("CRASH"):
         os.kill(os.getpid(), signal.SIGKILL)
     if job.text.startswith("SLOW"):
@@ -30,7 +30,7 @@ def _misbehaving_synthesize(self, job):
         with starts.open("a") as f:
             f.write(f"{os.getpid()} {time.time()}\n")
         time.sleep(float(os.environ.get("SERVICE_TEST_SLOW_SECONDS", "3")))
-    return _synthesize(self, job)
+    return _synthesize(self, job, *args, **kwargs)
 
 
 engine.Engine.synthesize = _misbehaving_synthesize

@@ -1,0 +1,98 @@
+"""Audio of a streaming job, published while it is generated: one Redis Stream per job.
+
+A `synthesize` job sent with `stream=True` appends its audio to the stream
+`pocket_tts:audio:<task id>` as the engine produces it, then one closing entry;
+the gateway reads the stream and relays it to its HTTP client. Entries:
+
+* audio: ``pcm`` (16-bit little-endian mono samples), ``rate``, ``samples`` (total so far);
+* end: ``end`` (the audio file is stored), ``samples``;
+* error: ``error`` (the exception's class name), ``reason`` (its one-line message).
+
+The stream is capped (`MAX_ENTRIES`) and expires `STREAM_TTL_SECONDS` after its
+last entry, so an abandoned stream never stays in Redis. Whoever wants a job
+stopped sets `pocket_tts:cancel:<task id>`: the job sees it at its next piece of
+audio, publishes nothing more, writes no file and ends REVOKED.
+Torch-free at import: the gateway imports the key names and readers from here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+AUDIO_KEY = "pocket_tts:audio:{}"
+CANCEL_KEY = "pocket_tts:cancel:{}"
+# Prefork jobs publish a piece per 4 frames (320 ms), batching jobs per frame (80 ms): 8192
+# entries hold 11 to 43 minutes of audio, far more than the longest text allowed.
+MAX_ENTRIES = 8192
+STREAM_TTL_SECONDS = 600
+CANCELLED_REASON = "cancelled: the client went away"
+
+
+def audio_key(task_id: str) -> str:
+    return AUDIO_KEY.format(task_id)
+
+
+def cancel_key(task_id: str) -> str:
+    return CANCEL_KEY.format(task_id)
+
+
+@cache
+def _redis(url: str):
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def _client():
+    from worker_config import current_settings
+
+    return _redis(current_settings().broker_url)
+
+
+class AudioPublisher:
+    """The `on_audio` callback of one streaming job: publishes each piece, stops on cancellation."""
+
+    def __init__(self, task, sample_rate: int):
+        self._task = task
+        self._key = audio_key(task.request.id)
+        self._cancel_key = cancel_key(task.request.id)
+        self._rate = sample_rate
+        self._samples = 0
+
+    def __call__(self, piece) -> None:
+        import torch
+
+        pcm = (piece.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+        self._samples += piece.numel()
+        pipe = _client().pipeline(transaction=False)
+        pipe.exists(self._cancel_key)  # checked in the same round trip as the publish
+        pipe.xadd(self._key, {"pcm": pcm, "rate": self._rate, "samples": self._samples}, maxlen=MAX_ENTRIES)
+        pipe.expire(self._key, STREAM_TTL_SECONDS)
+        cancelled, *_ = pipe.execute()
+        if cancelled:
+            self._stop()
+
+    def _stop(self):
+        from celery.exceptions import Ignore
+
+        task_id = self._task.request.id
+        _client().delete(self._key, self._cancel_key)
+        # Ignore keeps Celery from storing another state over REVOKED; nothing was written yet.
+        self._task.backend.mark_as_revoked(task_id, CANCELLED_REASON, request=self._task.request)
+        raise Ignore(CANCELLED_REASON)
+
+
+def publish_end(task_id: str) -> None:
+    _publish(task_id, {"end": 1})
+
+
+def publish_error(task_id: str, exc: BaseException) -> None:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    _publish(task_id, {"error": type(exc).__name__, "reason": reason})
+
+
+def _publish(task_id: str, entry: dict) -> None:
+    pipe = _client().pipeline(transaction=False)
+    pipe.xadd(audio_key(task_id), entry, maxlen=MAX_ENTRIES)
+    pipe.expire(audio_key(task_id), STREAM_TTL_SECONDS)
+    pipe.execute()
