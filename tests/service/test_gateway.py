@@ -1,0 +1,331 @@
+"""The HTTP gateway (`python -m gateway`, a real uvicorn process) in front of the real prefork test worker.
+
+One gateway with an API key serves every test here; clients are Kyutai-style
+form requests (httpx), the official `openai` client, and headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from service_helpers import REPO_ROOT, SAMPLE_RATE
+
+from tasks import local_stack
+
+pytestmark = pytest.mark.service
+
+API_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_VOICE_SECONDS = 5
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+# Long enough that the small test model is still generating when the client leaves.
+LONG_TEXT = " ".join(f"Sentence number {i} keeps the worker busy for a while longer." for i in range(14))
+
+
+@pytest.fixture(scope="module")
+def gateway(session_worker, worker_env, tmp_path_factory):
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    env = {
+        **worker_env,
+        "POCKET_TTS_API_KEYS": API_KEY,
+        "POCKET_TTS_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+        "POCKET_TTS_MAX_VOICE_SECONDS": str(MAX_VOICE_SECONDS),
+    }
+    with local_stack.running_gateway(env, log) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture()
+def storage_unchanged(service_files):
+    """Asserts that the test leaves no file in the audio storage nor the uploaded voices."""
+
+    def snapshot():
+        return sorted(p for folder in (service_files.storage, service_files.voices) for p in folder.rglob("*"))
+
+    before = snapshot()
+    yield
+    assert snapshot() == before
+
+
+def wav_samples(data: bytes) -> np.ndarray:
+    """Samples of a streamed WAV (its header gives no length: read what arrived)."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    with wave.open(io.BytesIO(data)) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (SAMPLE_RATE, 1, 2)
+    return np.frombuffer(data[44:], dtype="<i2")
+
+
+def stored_samples(service_files, job_id: str) -> np.ndarray:
+    [path] = service_files.files_of(job_id)
+    return sf.read(str(path), dtype="int16")[0]
+
+
+def assert_same_audio(streamed: np.ndarray, stored: np.ndarray) -> None:
+    """The relayed stream is the stored file, up to one step of 16-bit rounding."""
+    assert len(streamed) == len(stored) > 0
+    assert np.max(np.abs(streamed.astype(int) - stored.astype(int))) <= 1
+
+
+def wait_for_state(client_app, job_id: str, states: tuple[str, ...], timeout: float = 60) -> float:
+    """Seconds until the job reaches one of `states`."""
+    started = time.monotonic()
+    while (state := client_app.AsyncResult(job_id).state) not in states:
+        assert time.monotonic() - started < timeout, state
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def one_line_error(response: httpx.Response) -> str:
+    body = response.json()
+    message = body["error"]["message"] if "error" in body else body["detail"]
+    assert isinstance(message, str) and "\n" not in message and message
+    assert "redis://" not in message and "/tmp" not in message and str(REPO_ROOT) not in message
+    return message
+
+
+# ---------------------------------------------------------------------------- Kyutai's /tts
+
+
+def test_tts_form_streams_the_audio_the_worker_stores(http, service_files):
+    with open(service_files.voices / "voice_24k.wav", "rb") as upload:
+        uploaded = http.post("/tts", data={"text": "Cloned from an upload."}, files={"voice_wav": upload})
+    by_name = http.post("/tts", data={"text": "A named voice.", "voice_url": "voice_state.safetensors"})
+    default = http.post("/tts", data={"text": "The default voice."})
+
+    for response in (uploaded, by_name, default):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "audio/wav"
+        assert_same_audio(wav_samples(response.content), stored_samples(service_files, response.headers["x-job-id"]))
+    # The upload became one content-addressed voice file.
+    [voice] = (service_files.voices / "uploads").iterdir()
+    assert voice.name == f"{hashlib.sha256(voice.read_bytes()).hexdigest()}.wav"
+
+
+@pytest.mark.parametrize(
+    "form, files, status, reason",
+    [
+        ({"text": "   "}, None, 400, "text cannot be empty"),
+        ({}, None, 400, "text cannot be empty"),
+        ({"text": "x" * 1001}, None, 400, "the limit is 1000"),
+        ({"text": "Hi.", "voice_url": "voice_24k.wav"}, {"voice_wav": ("v.wav", b"RIFF")}, 400, "not both"),
+        ({"text": "Hi.", "voice_url": "nobody"}, None, 400, "unknown voice 'nobody'"),
+        ({"text": "Hi.", "voice_url": "../audio/x.wav"}, None, 400, "inside the voices directory"),
+        ({"text": "Hi.", "voice_url": "/etc/hostname"}, None, 400, "inside the voices directory"),
+        ({"text": "Hi.", "voice_url": "https://example.com/v.wav"}, None, 400, "does not fetch voices"),
+        ({"text": "Hi."}, {"voice_wav": ("v.wav", os.urandom(4000))}, 400, "not a readable audio file"),
+        ({"text": "Hi."}, {"voice_wav": ("v.wav", b"")}, 400, "not a readable audio file"),
+        ({"text": "Hi."}, {"voice_wav": ("v.wav", "long")}, 400, "the limit is 5 s"),
+        ({"text": "Hi."}, {"voice_wav": ("v.wav", os.urandom(MAX_REQUEST_BYTES + 10))}, 413, "larger than"),
+    ],
+)
+def test_tts_refuses_bad_requests_with_one_line(http, storage_unchanged, form, files, status, reason):
+    if files and files["voice_wav"][1] == "long":
+        wav = io.BytesIO()
+        sf.write(wav, np.zeros(SAMPLE_RATE * (MAX_VOICE_SECONDS + 1), dtype="int16"), SAMPLE_RATE, format="WAV")
+        files = {"voice_wav": ("v.wav", wav.getvalue())}
+
+    response = http.post("/tts", data=form, files=files)
+
+    assert response.status_code == status
+    assert reason in one_line_error(response)
+
+
+def test_a_wrong_or_missing_key_is_refused(gateway, storage_unchanged):
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": API_KEY}):
+        response = httpx.post(f"{gateway.url}/tts", data={"text": "Hi."}, headers=headers)
+        assert response.status_code == 401
+        assert "API key" in one_line_error(response)
+    assert httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+# ---------------------------------------------------------------------------- OpenAI
+
+
+@pytest.fixture(scope="module")
+def openai_client(gateway):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_openai_client_speech(openai_client, service_files):
+    speech = openai_client.audio.speech
+    wav = speech.create(model="tts-1", voice="voice_24k.wav", input="Hello from the OpenAI client.", response_format="wav")
+    with speech.with_streaming_response.create(
+        model="pocket-tts", voice="voice_state.safetensors", input="Streamed raw PCM.", response_format="pcm"
+    ) as response:
+        pcm = b"".join(response.iter_bytes(4096))
+        job_id = response.headers["x-job-id"]
+
+    assert_same_audio(np.frombuffer(pcm, dtype="<i2"), stored_samples(service_files, job_id))
+    assert len(wav_samples(wav.content)) > 0
+    for response_format, container in (("flac", "FLAC"), ("mp3", "MP3"), ("opus", "OGG")):
+        encoded = speech.create(model="tts-1", voice="voice_24k.wav", input="Encoded.", response_format=response_format)
+        info = sf.info(io.BytesIO(encoded.content))
+        assert (info.format, info.samplerate, info.channels) == (container, SAMPLE_RATE, 1) and info.frames > 0
+
+
+def test_openai_sse_stream(http):
+    body = {"model": "tts-1", "input": "Events.", "voice": "voice_24k.wav", "response_format": "pcm", "stream_format": "sse"}
+    with http.stream("POST", "/v1/audio/speech", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert {e["type"] for e in events[:-1]} == {"speech.audio.delta"} and events[-1]["type"] == "speech.audio.done"
+    assert sum(len(base64.b64decode(e["audio"])) for e in events[:-1]) > 0
+
+
+def test_openai_client_errors(openai_client, storage_unchanged):
+    openai = pytest.importorskip("openai")
+    bad = [
+        ({"response_format": "aac"}, "use one of wav, pcm, flac, opus, mp3"),
+        ({"speed": 1.5}, "only 1.0"),
+        ({"model": "whisper-1"}, "unknown model"),
+        ({"voice": "../../etc/passwd"}, "inside the voices directory"),
+        ({"input": ""}, "text cannot be empty"),
+    ]
+    for change, reason in bad:
+        request = {"model": "tts-1", "voice": "voice_24k.wav", "input": "Hi.", "response_format": "wav", **change}
+        with pytest.raises(openai.BadRequestError, match=reason):
+            openai_client.audio.speech.create(**request)
+    with pytest.raises(openai.AuthenticationError):
+        openai_client.with_options(api_key="wrong").audio.speech.create(model="tts-1", voice="alba", input="Hi.")
+    huge = {"model": "tts-1", "voice": "alba", "input": "x" * (MAX_REQUEST_BYTES + 1)}
+    response = openai_client._client.post(f"{openai_client.base_url}audio/speech", json=huge, headers=AUTH)
+    assert response.status_code == 413
+
+
+# ---------------------------------------------------------------------------- catalog and health
+
+
+def test_models_voices_and_health(http, gateway):
+    models = http.get("/v1/models").json()
+    voices = http.get("/v1/voices").json()
+    health = httpx.get(f"{gateway.url}/health").json()  # no key needed
+
+    assert {"pocket-tts", "tts-1"} <= {m["id"] for m in models["data"]}
+    assert voices["default"] == "voice_state.safetensors"
+    assert {"voice_24k.wav", "voice_state.safetensors"} <= set(voices["files"])
+    assert health == {"status": "healthy", "redis": True, "workers": 1}
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def poll_job(http, status_url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (status := http.get(status_url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+def test_jobs_report_their_state_and_serve_their_audio(http, gateway, service_files):
+    created = http.post("/v1/jobs", json={"text": "A job for later.", "format": "flac"})
+    failing = http.post("/v1/jobs", json={"text": "Hi.", "voice": "nobody"})
+    assert created.status_code == failing.status_code == 202
+    job = created.json()
+
+    assert poll_job(http, job["status_url"])["status"] == "done"
+    failed = poll_job(http, failing.json()["status_url"])
+    downloaded = http.get(job["audio_url"])
+    by_token = httpx.get(gateway.url + job["audio_url"])  # what an <audio> element does: no header
+    forged = httpx.get(f"{gateway.url}/v1/jobs/{job['id']}/audio?token=0000")
+
+    assert downloaded.status_code == by_token.status_code == 200
+    assert downloaded.headers["content-type"] == "audio/flac" and downloaded.content == by_token.content
+    assert downloaded.content == service_files.files_of(job["id"])[0].read_bytes()
+    assert forged.status_code == 401
+    assert failed["status"] == "failed" and "unknown voice 'nobody'" in failed["error"]
+    for unknown in ("00000000-0000-0000-0000-000000000000", "not-a-job", "..%2F..%2Fetc", "x/audio"):
+        response = http.get(f"/v1/jobs/{unknown}")
+        assert response.status_code == 404 and one_line_error(response)
+
+
+# ---------------------------------------------------------------------------- cancellation
+
+
+def test_a_client_that_disconnects_cancels_its_job(gateway, client_app, service_files, redis_url):
+    import redis
+
+    with httpx.stream("POST", f"{gateway.url}/tts", data={"text": LONG_TEXT}, headers=AUTH, timeout=60) as response:
+        job_id = response.headers["x-job-id"]
+        received = next(response.iter_raw())
+    left_at = time.monotonic()  # the connection is closed on leaving the block
+
+    stopped_after = wait_for_state(client_app, job_id, ("REVOKED", "SUCCESS", "FAILURE"), timeout=30)
+    time.sleep(0.3)  # anything the worker would still write
+
+    assert client_app.AsyncResult(job_id).state == "REVOKED", "the job ran to its end"
+    assert len(received) > 0 and service_files.files_of(job_id) == []
+    assert redis.Redis.from_url(f"{redis_url}/0").exists(f"pocket_tts:audio:{job_id}") == 0
+    print(f"job stopped {time.monotonic() - left_at - 0.3:.3f} s after the client left ({stopped_after:.3f} s polled)")
+
+
+# ---------------------------------------------------------------------------- web page
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_web_page_speaks_and_reports_errors(browser, gateway):
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(gateway.url)
+    page.fill("#key", API_KEY)  # the page asks for the key after its first 401
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.getElementById('voice').options.length > 1")
+    assert page.locator("#language option").count() == 1
+
+    page.fill("#text", "Hello from the browser.")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('player').currentTime > 0")  # it plays
+    assert page.evaluate("document.getElementById('player').duration") > 0
+    page.wait_for_function("document.getElementById('status').textContent.includes('done')")
+
+    page.fill("#text", "")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert "text cannot be empty" in page.text_content("#error")
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def test_gateway_never_imports_torch():
+    code = "import sys, gateway.app, gateway.cli; sys.exit(bool({'torch', 'pocket_tts.models'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
