@@ -82,7 +82,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app):
-        state["queue"] = JobQueue(service, settings.queue_timeout)
+        state["queue"] = JobQueue(service, settings.queue_timeout, settings.job_queue)
         yield
         await state["queue"].close()
 

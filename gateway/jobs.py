@@ -48,9 +48,10 @@ class QueueTimeout(Exception):
 
 
 class JobQueue:
-    def __init__(self, settings: Settings, queue_timeout: float):
+    def __init__(self, settings: Settings, queue_timeout: float, job_queue: str = "celery"):
         self.settings = settings
         self.queue_timeout = queue_timeout
+        self.job_queue = job_queue
         self.celery = Celery("pocket-tts-gateway", broker=settings.broker_url, backend=settings.result_backend)
         self.celery.conf.update(
             task_serializer="json",
@@ -70,7 +71,12 @@ class JobQueue:
         await self.redis.set(JOB_KEY.format(task_id), time.time(), ex=self.settings.result_expires)
         kwargs = {"voice": voice, "format": format, "temperature": temperature, "stream": True}
         await run_in_threadpool(
-            self.celery.send_task, "pocket_tts.synthesize", args=(text,), kwargs=kwargs, task_id=task_id
+            self.celery.send_task,
+            "pocket_tts.synthesize",
+            args=(text,),
+            kwargs=kwargs,
+            task_id=task_id,
+            queue=self.job_queue,
         )
         return task_id
 

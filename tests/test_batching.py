@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pocket_tts.batching import BatchedSynthesizer
 
@@ -60,5 +61,32 @@ def test_a_bad_request_fails_alone(parity_model, voices):
         with pytest.raises(RuntimeError):
             bad.result(timeout=120)
         assert good.result(timeout=120).numel() > 0
+    finally:
+        batcher.close()
+
+
+def test_streamed_pieces_come_in_order_and_a_cancelled_request_leaves_alone(parity_model, voices):
+    text = "The quick brown fox jumps over the lazy dog. Then it rests."  # several chunks at max_tokens=8
+    expected = parity_model.generate_audio(voices["voice_16k"], text, max_tokens=8, temp=0.0)
+    batcher = BatchedSynthesizer(parity_model, max_batch=4)
+    try:
+        pieces, cancelled_pieces = [], []
+        streamed = batcher.submit(voices["voice_16k"], text, temp=0.0, max_tokens=8, on_audio=pieces.append)
+
+        def cancel_after_first(piece):
+            cancelled_pieces.append(piece)
+            cancelled.cancel()
+
+        cancelled = batcher.submit(voices["voice_24k"], "Hello there. " * 6, temp=0.0, max_tokens=8, on_audio=cancel_after_first)
+        other = batcher.submit(voices["voice_24k"], "Yes.", temp=0.0)
+
+        audio = streamed.result(timeout=120)
+        assert other.result(timeout=120).numel() > 0
+        assert cancelled.cancelled() and len(cancelled_pieces) == 1
+        assert (torch.cat(pieces) - audio).abs().max().item() == 0  # in order, nothing missing
+        assert (audio - expected).abs().max().item() < TOL
+        # The cancelled request's rows were freed: the batcher ends empty.
+        batcher.close()
+        assert batcher._streams == []
     finally:
         batcher.close()

@@ -26,6 +26,7 @@ class GatewaySettings:
     max_voice_seconds: float
     cors_origins: tuple[str, ...]  # empty: no CORS headers (browsers allow same-origin only)
     queue_timeout: float  # seconds a request waits for its job's first audio
+    job_queue: str  # the Celery queue jobs are sent to (workers: `-Q`)
 
     @property
     def uploads_dir(self) -> Path | None:
@@ -45,6 +46,7 @@ def load_gateway_settings(environ: Mapping[str, str] | None = None) -> GatewaySe
         max_voice_seconds=env.seconds("POCKET_TTS_MAX_VOICE_SECONDS", 30.0, minimum=1),
         cors_origins=origins,
         queue_timeout=env.seconds("POCKET_TTS_QUEUE_TIMEOUT", 300.0, minimum=1),
+        job_queue=env.text("POCKET_TTS_JOB_QUEUE") or "celery",
     )
 
 

@@ -99,6 +99,12 @@ def session_worker(launch_worker, client_app) -> Worker:
 
 
 @pytest.fixture(scope="session")
+def batching_worker(launch_worker) -> Worker:
+    """A batching-mode worker (`--pool=threads -c 4`, POCKET_TTS_MAX_BATCH=4) consuming the queue "batched"."""
+    return launch_worker("batched", "--pool=threads", "-c", "4", queue="batched", env={"POCKET_TTS_MAX_BATCH": "4"})
+
+
+@pytest.fixture(scope="session")
 def reference_model(parity_dir: Path):
     """The engine in this process, loaded the way the workers load it."""
     from pocket_tts.models.tts_model import TTSModel

@@ -228,7 +228,7 @@ def test_models_voices_and_health(http, gateway):
     assert {"pocket-tts", "tts-1"} <= {m["id"] for m in models["data"]}
     assert voices["default"] == "voice_state.safetensors"
     assert {"voice_24k.wav", "voice_state.safetensors"} <= set(voices["files"])
-    assert health == {"status": "healthy", "redis": True, "workers": 1}
+    assert health["status"] == "healthy" and health["redis"] and health["workers"] >= 1
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -267,21 +267,51 @@ def test_jobs_report_their_state_and_serve_their_audio(http, gateway, service_fi
 # ---------------------------------------------------------------------------- cancellation
 
 
-def test_a_client_that_disconnects_cancels_its_job(gateway, client_app, service_files, redis_url):
+def leave_mid_stream(url: str, headers: dict, client_app, service_files, redis_url) -> float:
+    """Start a long /tts stream, read its first bytes and disconnect; checks the job ends REVOKED with
+    no file and no stream left; returns how long after the disconnect the worker stopped it."""
     import redis
 
-    with httpx.stream("POST", f"{gateway.url}/tts", data={"text": LONG_TEXT}, headers=AUTH, timeout=60) as response:
+    with httpx.stream("POST", f"{url}/tts", data={"text": LONG_TEXT}, headers=headers, timeout=60) as response:
         job_id = response.headers["x-job-id"]
         received = next(response.iter_raw())
     left_at = time.monotonic()  # the connection is closed on leaving the block
 
-    stopped_after = wait_for_state(client_app, job_id, ("REVOKED", "SUCCESS", "FAILURE"), timeout=30)
+    wait_for_state(client_app, job_id, ("REVOKED", "SUCCESS", "FAILURE"), timeout=30)
+    stopped_after = time.monotonic() - left_at
     time.sleep(0.3)  # anything the worker would still write
 
     assert client_app.AsyncResult(job_id).state == "REVOKED", "the job ran to its end"
     assert len(received) > 0 and service_files.files_of(job_id) == []
     assert redis.Redis.from_url(f"{redis_url}/0").exists(f"pocket_tts:audio:{job_id}") == 0
-    print(f"job stopped {time.monotonic() - left_at - 0.3:.3f} s after the client left ({stopped_after:.3f} s polled)")
+    return stopped_after
+
+
+def test_a_client_that_disconnects_cancels_its_job(gateway, client_app, service_files, redis_url):
+    stopped_after = leave_mid_stream(gateway.url, AUTH, client_app, service_files, redis_url)
+    print(f"prefork job stopped {stopped_after:.3f} s after the client left")
+
+
+@pytest.fixture(scope="module")
+def batching_gateway(batching_worker, worker_env, tmp_path_factory):
+    """A key-less gateway sending its jobs to the batching worker's queue."""
+    log = tmp_path_factory.mktemp("gateway") / "batching-gateway.log"
+    with local_stack.running_gateway({**worker_env, "POCKET_TTS_JOB_QUEUE": "batched"}, log) as running:
+        yield running
+
+
+def test_batching_mode_streams_concurrent_jobs_and_cancels(batching_gateway, client_app, service_files, redis_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = ["First stream.", "A second stream, a little longer.", "Third.", "The fourth one in the batch."]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        responses = list(pool.map(lambda text: httpx.post(f"{batching_gateway.url}/tts", data={"text": text}, timeout=60), texts))
+
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert_same_audio(wav_samples(response.content), stored_samples(service_files, response.headers["x-job-id"]))
+    stopped_after = leave_mid_stream(batching_gateway.url, {}, client_app, service_files, redis_url)
+    print(f"batching job stopped {stopped_after:.3f} s after the client left")
 
 
 # ---------------------------------------------------------------------------- web page

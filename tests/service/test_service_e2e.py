@@ -250,11 +250,9 @@ def test_time_limits_set_by_the_sender_win(session_worker, client_app, service_f
     assert service_files.files_of(result.id) == []
 
 
-def test_batching_worker_generates_concurrent_jobs_together(launch_worker, client_app, reference_audio):
+def test_batching_worker_generates_concurrent_jobs_together(batching_worker, client_app, reference_audio):
     """--pool=threads with POCKET_TTS_MAX_BATCH: one process, one generation loop, each job its own result."""
-    worker = launch_worker(
-        "batched", "--pool=threads", "-c", "4", queue="batched", env={"POCKET_TTS_MAX_BATCH": "4"}
-    )
+    worker = batching_worker
     texts = ["First job in the batch.", "Second one, a little longer than the first.", "Third.", "Fourth job here.",
              "Fifth waits for a free row."]  # fmt: skip
     results = [
