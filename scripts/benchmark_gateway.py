@@ -3,7 +3,7 @@
 
     python scripts/benchmark_gateway.py                          # prefork: 1 idle worker, 1 client, TTFB
     python scripts/benchmark_gateway.py --mode batching --clients 16 --threads 2
-    python scripts/benchmark_gateway.py --quick                  # small parity checkpoint: a smoke test
+    python scripts/benchmark_gateway.py --quick --parity-dir ../shared/parity   # small checkpoint: a smoke test
 
 Starts a private redis-server, one worker (prefork `-c 1`, or batching `--pool=threads -c N` with
 POCKET_TTS_MAX_BATCH=N) and one gateway (`python -m gateway`) on loopback, on the full-size
@@ -41,7 +41,6 @@ WAV_HEADER_BYTES = 44
 SAMPLE_RATE = 24000
 # One chunk (< 50 tokens): with random weights it runs to its longest audio, 6.4 s here.
 TEXT = "The gateway relays every piece of audio as soon as the worker makes it."
-QUICK_PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,14 +52,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="float32", help="POCKET_TTS_PRECISION of both sides (float32)")
     parser.add_argument("--text", default=TEXT)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="the random checkpoint's folder")
-    parser.add_argument("--quick", action="store_true", help="small parity checkpoint, 2 rounds: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="the small --parity-dir checkpoint, 2 rounds: a smoke test")
+    parser.add_argument("--parity-dir", type=Path, default=Path("../shared/parity"), help="with --quick")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser.parse_args()
 
 
 def checkpoint_settings(args: argparse.Namespace) -> dict[str, str]:
     if args.quick:
-        config, weights, voices, voice = QUICK_PARITY / "config.yaml", QUICK_PARITY / "model.safetensors", QUICK_PARITY, "voice_24k.wav"
+        parity = args.parity_dir.resolve()
+        config, weights, voices, voice = parity / "config.yaml", parity / "model.safetensors", parity, "voice_24k.wav"
     else:
         folder = random_weights_checkpoint(args.cache_dir)
         config, weights, voices, voice = folder / "config.yaml", "", folder, RANDOM_VOICE

@@ -1,4 +1,4 @@
-"""scripts/run_local.py, benchmark_fleet.py and measure_service.py end to end on the small parity checkpoint (no timing checks)."""
+"""scripts/run_local.py, benchmark_fleet.py, benchmark_gateway.py and measure_service.py end to end on the small parity checkpoint (no timing checks)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,18 @@ def test_measure_service_quick_reports_memory_per_added_child(parity_dir, tmp_pa
         assert first["added_by_last_child"] is None and second["added_by_last_child"] > 0
         assert second["total_pss"] == round(second["parent"]["Pss"] + sum(c["Pss"] for c in second["children_mib"]), 1)
     assert "added by the last child" in run.stderr  # the printed table
+
+
+def test_benchmark_gateway_quick_json(parity_dir, tmp_path):
+    require_redis_server()
+    pytest.importorskip("fastapi")
+    run = run_script(
+        "benchmark_gateway.py", "--quick", "--clients", "2", "--json", "--parity-dir", str(parity_dir),
+        env=clean_env(), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert (report["mode"], report["clients"], report["streams"], report["errors"]) == ("prefork", 2, 4, [])
+    assert report["in_process_first_chunk_ms"]["p50"] > 0 and report["gateway_ttfb_ms"]["p50"] > 0
+    assert report["audio_s_per_wall_s"] > 0 and report["slowest_stream_rtf"] > 0
