@@ -157,9 +157,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ApiError(400, f"text is {len(text)} characters long; the limit is {service.max_text_chars}")
         return text
 
+    def checked_voice(voice: str | None) -> str | None:
+        """The worker resolves voices (catalog name, or a file inside the voices dir); names that
+        no file system takes are refused here."""
+        if voice is not None and any(ord(c) < 32 for c in voice):
+            raise ApiError(400, "a voice name cannot contain control characters")
+        return voice
+
     async def start_streaming_job(text: str, voice: str | None, format: str = "wav", temperature=None):
         """Send the job and wait for its first entry: errors found before any audio become 4xx/5xx."""
-        task_id = await queue().submit(checked_text(text), voice, format, temperature)
+        task_id = await queue().submit(checked_text(text), checked_voice(voice), format, temperature)
         entries = queue().entries(task_id)
         try:
             first = await anext(entries)
@@ -307,7 +314,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.post("/v1/jobs", dependencies=keyed, status_code=202)
     async def create_job(body: JobRequest):
-        task_id = await queue().submit(checked_text(body.text), body.voice, body.format, body.temperature)
+        task_id = await queue().submit(checked_text(body.text), checked_voice(body.voice), body.format, body.temperature)
         return {"id": task_id, "status_url": f"/v1/jobs/{task_id}", "audio_url": audio_url(task_id)}
 
     async def known_job(job_id: str) -> str:

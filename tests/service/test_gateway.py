@@ -111,7 +111,8 @@ def one_line_error(response: httpx.Response) -> str:
 
 def test_tts_form_streams_the_audio_the_worker_stores(http, service_files):
     with open(service_files.voices / "voice_24k.wav", "rb") as upload:
-        uploaded = http.post("/tts", data={"text": "Cloned from an upload."}, files={"voice_wav": upload})
+        # The client's file name is never used: the file is named by its content.
+        uploaded = http.post("/tts", data={"text": "Cloned from an upload."}, files={"voice_wav": ("../../evil.wav", upload)})
     by_name = http.post("/tts", data={"text": "A named voice.", "voice_url": "voice_state.safetensors"})
     default = http.post("/tts", data={"text": "The default voice."})
 
@@ -122,6 +123,7 @@ def test_tts_form_streams_the_audio_the_worker_stores(http, service_files):
     # The upload became one content-addressed voice file.
     [voice] = (service_files.voices / "uploads").iterdir()
     assert voice.name == f"{hashlib.sha256(voice.read_bytes()).hexdigest()}.wav"
+    assert not list(service_files.root.parent.rglob("evil.wav"))
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,7 @@ def test_tts_form_streams_the_audio_the_worker_stores(http, service_files):
         ({"text": "Hi.", "voice_url": "nobody"}, None, 400, "unknown voice 'nobody'"),
         ({"text": "Hi.", "voice_url": "../audio/x.wav"}, None, 400, "inside the voices directory"),
         ({"text": "Hi.", "voice_url": "/etc/hostname"}, None, 400, "inside the voices directory"),
+        ({"text": "Hi.", "voice_url": "voice_24k.wav\x00.txt"}, None, 400, "control characters"),
         ({"text": "Hi.", "voice_url": "https://example.com/v.wav"}, None, 400, "does not fetch voices"),
         ({"text": "Hi."}, {"voice_wav": ("v.wav", os.urandom(4000))}, 400, "not a readable audio file"),
         ({"text": "Hi."}, {"voice_wav": ("v.wav", b"")}, 400, "not a readable audio file"),
