@@ -176,12 +176,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 in_process.append(first_chunk())
                 results, wall = concurrent_streams(clients, gateway.url, args.text)
                 rounds.append({"results": results, "wall_s": wall})
-                ttfb += [r["ttfb_s"] for r in results if "ttfb_s" in r]
-                bench.log(f"round {index + 1}/{args.rounds}: in-process {in_process[-1] * 1000:.0f} ms, "
-                          f"gateway TTFB p50 {statistics.median(ttfb) * 1000:.0f} ms" if ttfb else "no audio")  # fmt: skip
+                round_ttfb = [r["ttfb_s"] for r in results if "ttfb_s" in r]
+                ttfb += round_ttfb
+                worst = f"{max(round_ttfb) * 1000:.0f} ms" if round_ttfb else "no audio"
+                bench.log(f"round {index + 1}/{args.rounds}: in-process first chunk {in_process[-1] * 1000:.0f} ms, "
+                          f"gateway first audio byte (slowest of {args.clients}) {worst}")  # fmt: skip
             load_after = bench.machine_cpu_seconds()
             for client in clients:
                 client.close()
+            log_tails = {"gateway": gateway.log_tail(1500), "worker": worker.log_tail(1500)}
     streams = [r for round_ in rounds for r in round_["results"]]
     ok = [r for r in streams if "error" not in r]
     busy = None
@@ -201,6 +204,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         "slowest_stream_rtf": round(min(r["audio_s"] / (r["wall_s"] - r["ttfb_s"]) for r in ok), 2) if ok else None,
         "stalled_streams": sum(r["shortfall_s"] > 0 for r in ok),
         "errors": [r["error"] for r in streams if "error" in r],
+        "log_tails": log_tails if any("error" in r for r in streams) else None,
         "streams": len(streams),
         "machine_cpu_busy": None if busy is None else round(busy, 2),
         "machine": bench.machine_info(),
@@ -235,6 +239,8 @@ def print_table(report: dict) -> None:
     print(bench.format_table(headers, [[("-" if c is None else c) for c in row] for row in rows]))
     for error in report["errors"][:5]:
         print(f"error: {error}")
+    for name, tail in (report["log_tails"] or {}).items():
+        print(f"--- last lines of the {name} log:\n{tail}")
 
 
 def main() -> int:
