@@ -15,7 +15,7 @@ ARG PIP_EXTRA_INDEX_URL
 # CPU-only torch wheels (no CUDA libraries); ignored when PIP_NO_INDEX=1.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional dependency groups of pyproject.toml installed in the image.
-ARG EXTRAS=flower
+ARG EXTRAS=flower,gateway
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -51,6 +51,7 @@ COPY README.md ./
 COPY pocket_tts ./pocket_tts
 COPY tasks ./tasks
 COPY worker_config ./worker_config
+COPY gateway ./gateway
 RUN pip install --no-deps --no-build-isolation . && rm -rf build *.egg-info
 
 USER app

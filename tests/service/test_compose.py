@@ -77,7 +77,7 @@ def test_no_secret_reaches_a_container_environment_or_command_line(compose):
         if "CELERY_BROKER_URL" in env:
             assert env["CELERY_BROKER_URL"] == "redis://redis:6379/0"  # no password in the URL
             assert env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
-    assert set(compose["secrets"]) == {"redis_password", "flower_basic_auth"}
+    assert set(compose["secrets"]) == {"redis_password", "flower_basic_auth", "gateway_api_keys"}
     assert compose["secrets"]["redis_password"]["file"].endswith("/secrets/redis_password")
 
 
@@ -144,6 +144,22 @@ def test_flower_is_password_protected_and_local_only(compose):
     assert "cat /run/secrets/flower_basic_auth" in script and 'export FLOWER_BASIC_AUTH="$$auth"' in script
     assert "--address=0.0.0.0" in script
     assert flower["ports"] == ["127.0.0.1:5555:5555/tcp"]
+
+
+def test_the_gateway_is_published_on_loopback_with_keys_and_a_healthcheck(compose):
+    gateway = compose["services"]["gateway"]
+    env = gateway["environment"]
+
+    assert gateway["command"][:2] == ["pocket-tts", "serve"] and "0.0.0.0" in gateway["command"]
+    assert gateway["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert env["POCKET_TTS_API_KEYS_FILE"] == "/run/secrets/gateway_api_keys"
+    assert {"source": "gateway_api_keys"} in gateway["secrets"]
+    assert "/health" in gateway["healthcheck"]["test"][-1]
+    # The same storage and voices as the workers: it serves their files, they read its uploads.
+    worker_mounts = mounts(compose["services"]["worker"])
+    assert mounts(gateway)["/data/audio"] == "audio:ro" and worker_mounts["/data/audio"] == "audio"
+    assert mounts(gateway)["/voices"] == worker_mounts["/voices"].removesuffix(":ro")
+    assert env["POCKET_TTS_STORAGE_DIR"] == "/data/audio" and env["POCKET_TTS_VOICES_DIR"] == "/voices"
 
 
 def test_the_image_takes_pip_sources_as_build_args_and_installs_dependencies_before_the_code():
