@@ -87,6 +87,9 @@ def parse_args() -> argparse.Namespace:
 
 def worker_settings(args: argparse.Namespace) -> dict[str, str]:
     """What the worker gets on top of this process's POCKET_TTS_* settings."""
+    # Workers refuse a missing storage root (a failed mount must not fill another disk); a local
+    # stack owns its folder, so it makes it.
+    args.storage_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "POCKET_TTS_STORAGE_DIR": str(args.storage_dir.absolute()),  # the worker runs in the repository
         "POCKET_TTS_CHILD_START_TIMEOUT": os.environ.get("POCKET_TTS_CHILD_START_TIMEOUT") or CHILD_START_TIMEOUT,
