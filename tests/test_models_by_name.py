@@ -150,8 +150,19 @@ case = json.loads(sys.argv[3])
 model = TTSModel.load_model(language="french", temp=case["temperature"], eos_threshold=case["eos_threshold"])
 audio = model.generate_audio(model.get_state_for_audio_prompt(default_voice("french")), case["text"], max_tokens=case["max_tokens"])
 expected = load_file(sys.argv[2])[case["audio"]]
+
+# A worker serving POCKET_TTS_LANGUAGE=french: a job without a voice speaks with estelle.
+from tasks.engine import Engine
+from tasks.validation import validate_job
+from worker_config import load_settings
+settings = load_settings({"POCKET_TTS_LANGUAGE": "french"})
+job = validate_job(case["text"], None, 0.0, "wav", settings)
+worker_audio = Engine.load(settings, num_threads=1).synthesize(job)
+again = TTSModel.load_model(language="french").generate_audio(model.get_state_for_audio_prompt("estelle"), case["text"], temp=0.0)
+
 print(json.dumps({"voice_cloning": model.has_voice_cloning, "shape": list(audio.shape), "expected": list(expected.shape),
-                  "diff": (audio - expected).abs().max().item() if audio.shape == expected.shape else None}))
+                  "diff": (audio - expected).abs().max().item() if audio.shape == expected.shape else None,
+                  "job_voice": job.voice, "worker_matches": torch.equal(worker_audio, again)}))
 sys.exit(main(["generate", case["text"], "--language", "french", "--temperature", "0",
                "--eos-threshold", str(case["eos_threshold"]), "--output", sys.argv[4]]))
 """
@@ -168,8 +179,9 @@ def hub_file(cache: Path, spec: str, source: Path) -> None:
 
 def test_a_named_model_and_its_default_voice_come_from_the_hub_cache(tmp_path):
     """`language="french"` through the hub cache, offline: the config's tokenizer, the ungated weights
-    (the gated ones are absent) and French's default catalog voice, estelle. The French family fixture
-    stands in for the released files, under the shipped hub paths; its audio is Kyutai's."""
+    (the gated ones are absent) and French's default catalog voice, estelle, in the Python API, the CLI
+    and a worker's engine. The French family fixture stands in for the released files, under the
+    shipped hub paths; its audio is Kyutai's."""
     family = REPO_ROOT.parent / "shared" / "parity" / "families" / "french"
     if not (family / "cases.json").is_file():
         pytest.skip("family fixtures not found in ../shared/parity/families")
@@ -199,6 +211,7 @@ def test_a_named_model_and_its_default_voice_come_from_the_hub_cache(tmp_path):
     report = json.loads(done.stdout.splitlines()[0])
     assert report["voice_cloning"] is False  # only the catalog-voice weights were there
     assert report["shape"] == report["expected"] and report["diff"] < 1e-4
+    assert report["job_voice"] == "estelle" and report["worker_matches"]
     assert f"wrote {output}" in done.stdout  # the CLI found estelle too
     samples = load_wav_samples(output)
     assert samples.numel() == case["n_samples"] and samples.abs().max() > 0
