@@ -186,6 +186,7 @@ class Fleet:
         label = split.label.replace(" ", "-")
         queue = f"fleet-{label}-{uuid.uuid4().hex[:8]}"
         storage = self.workdir / "audio" / label
+        storage.mkdir(parents=True)  # workers refuse a missing storage root
         env = {
             **self.env,
             "POCKET_TTS_NUM_THREADS": str(split.threads),

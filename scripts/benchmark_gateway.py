@@ -154,6 +154,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     settings = checkpoint_settings(args)
     bench.log("loading the engine in this process ...")
     first_chunk = in_process_first_chunk(settings, args.text, args.threads)
+    (workdir / "audio").mkdir(exist_ok=True)  # workers refuse a missing storage root
     worker_settings = {**settings, "POCKET_TTS_NUM_THREADS": str(args.threads), "POCKET_TTS_STORAGE_DIR": str(workdir / "audio")}
     worker_args = ["-c", "1"]
     pool = "prefork"

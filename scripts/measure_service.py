@@ -102,6 +102,7 @@ def export_voice_state(config: Path, weights: Path | None, voices: Path) -> None
 
 
 def worker_settings(storage: Path, voices: Path, config: Path, weights: Path | None) -> dict[str, str]:
+    storage.mkdir(parents=True, exist_ok=True)  # workers refuse a missing storage root
     settings = {
         "POCKET_TTS_CONFIG": str(config),
         "POCKET_TTS_STORAGE_DIR": str(storage),
