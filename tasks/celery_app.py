@@ -42,6 +42,10 @@ def celery_config(settings: Settings) -> dict:
     longest_soft, longest_hard = settings.longest_time_limits
     return {
         "broker_url": settings.broker_url,
+        # Celery prefers the CELERY_BROKER_URL variable to `broker_url`, but connects with these two:
+        # the URL with the password from REDIS_PASSWORD_FILE is the one used.
+        "broker_read_url": settings.broker_url,
+        "broker_write_url": settings.broker_url,
         "result_backend": settings.result_backend,
         # JSON only: pickle is neither sent nor accepted.
         "accept_content": ["json"],

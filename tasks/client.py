@@ -42,7 +42,7 @@ def check_connections(timeout: float = CONNECT_TIMEOUT) -> None:
 
     Reading `app.conf` first validates the settings (SettingsError names a bad URL).
     """
-    broker, backend = app.conf.broker_url, app.conf.result_backend
+    broker, backend = app.conf.broker_write_url, app.conf.result_backend
     places = [("broker", broker, "CELERY_BROKER_URL")]
     if backend != broker:
         places.append(("result backend", backend, "CELERY_RESULT_BACKEND"))

@@ -54,6 +54,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` (connections closed a moment ago do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def stop_process_group(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM the process group led by `process`, SIGKILL it if `process` is still alive after `timeout` s."""
     try:
@@ -118,6 +129,7 @@ class RedisServer:
     port: int
     workdir: str
     persistent: bool = False
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -131,18 +143,20 @@ class RedisServer:
 
     def start(self, timeout: float = REDIS_START_TIMEOUT) -> None:
         """Start it again on the same port and folder (after `kill`)."""
-        self.process = _spawn_redis(self.port, self.workdir, self.persistent)
-        if not _wait_for_pong(self.process, self.port, timeout):
+        self.process = _spawn_redis(self.port, self.workdir, self.persistent, self.password)
+        if not _wait_for_pong(self.process, self.port, timeout, self.password):
             stop_process_group(self.process)
             raise StackError(f"redis-server did not come back on port {self.port} within {timeout:g} s")
 
 
-def _spawn_redis(port: int, workdir: str, persistent: bool) -> subprocess.Popen:
+def _spawn_redis(port: int, workdir: str, persistent: bool, password: str | None = None) -> subprocess.Popen:
     # persistent: every write is in the append-only file before Redis answers, as a production
     # setup that must not lose queued jobs would run it.
     persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    auth = ["--requirepass", password] if password else []
     return subprocess.Popen(
-        [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", workdir],
+        [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, *auth]
+        + ["--dir", workdir],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -150,33 +164,39 @@ def _spawn_redis(port: int, workdir: str, persistent: bool) -> subprocess.Popen:
 
 
 @contextmanager
-def redis_server(timeout: float = REDIS_START_TIMEOUT, persistent: bool = False) -> Iterator[RedisServer]:
-    """A redis-server on 127.0.0.1 and a free port in its own temporary folder (append-only file if `persistent`)."""
+def redis_server(
+    timeout: float = REDIS_START_TIMEOUT, persistent: bool = False, port: int | None = None, password: str | None = None
+) -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 and `port` (default: a free one) in its own temporary folder
+    (append-only file if `persistent`; clients must authenticate with `password` if given)."""
     redis_binary()
+    if port and not port_is_free(port):  # another server there would answer our PING
+        raise StackError(f"port {port} on 127.0.0.1 is in use: choose another one")
     with tempfile.TemporaryDirectory(prefix="pocket-tts-redis-") as workdir:
         server = None
         try:
-            for _ in range(3):  # another process may take the free port before redis binds it
-                port = free_port()
-                server = RedisServer(_spawn_redis(port, workdir, persistent), port, workdir, persistent)
-                if _wait_for_pong(server.process, server.port, timeout):
+            # Another process may take a free port before redis binds it: try another; a given port is tried once.
+            for port in [port] if port else (free_port() for _ in range(3)):
+                process = _spawn_redis(port, workdir, persistent, password)
+                server = RedisServer(process, port, workdir, persistent, password)
+                if _wait_for_pong(server.process, server.port, timeout, password):
                     break
                 stop_process_group(server.process)
             else:
-                raise StackError(f"redis-server did not answer PING within {timeout:g} s")
+                raise StackError(f"redis-server on 127.0.0.1 did not answer PING within {timeout:g} s (port {port})")
             yield server
         finally:
             if server is not None:
                 stop_process_group(server.process, timeout=10)
 
 
-def _wait_for_pong(process: subprocess.Popen, port: int, timeout: float) -> bool:
+def _wait_for_pong(process: subprocess.Popen, port: int, timeout: float, password: str | None = None) -> bool:
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
+                conn.sendall((f"AUTH {password}\r\n" if password else "").encode() + b"PING\r\n")
+                if b"+PONG" in conn.recv(64):
                     return True
         except OSError:
             pass

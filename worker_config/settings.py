@@ -197,6 +197,13 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
 
     # The password from a file keeps it out of the environment (and `docker inspect`).
     redis_password = env.secret("REDIS_PASSWORD_FILE")
+    backend_variable = env.text("CELERY_RESULT_BACKEND")
+    if redis_password and backend_variable and urlsplit(backend_variable).password is None:
+        # Celery reads CELERY_RESULT_BACKEND itself and would connect without the password.
+        raise SettingsError(
+            "CELERY_RESULT_BACKEND has no password and Celery reads it as given: with REDIS_PASSWORD_FILE, "
+            "leave it unset (results then go to the broker's Redis) or write its password in it"
+        )
     broker_url = with_password(env.url("CELERY_BROKER_URL", DEFAULT_BROKER_URL, TRANSPORT_ALIASES), redis_password)
     language, config = env.text("POCKET_TTS_LANGUAGE"), env.text("POCKET_TTS_CONFIG")
     if language and config:

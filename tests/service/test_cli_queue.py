@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from service_helpers import REPO_ROOT
 
-from tasks.local_stack import free_port
+from tasks.local_stack import free_port, redis_server
 
 pytestmark = pytest.mark.service
 
@@ -106,3 +106,18 @@ def test_a_seeded_job_from_the_command_line_is_reproducible(session_worker, work
 
     usage = pocket_tts(worker_env, "enqueue", "Hi.", "--seed", "-1")
     assert (usage.returncode, usage.stderr) == (2, "error: argument --seed: expected an integer from 0 to 2**64-1, got '-1'\n")
+
+
+def test_the_redis_password_can_come_from_a_file(worker_env, tmp_path):
+    secret = tmp_path / "redis_password"
+    secret.write_text("s3cret\n")
+    with redis_server(password="s3cret") as redis:
+        env = {**worker_env, "CELERY_BROKER_URL": f"{redis.url}/0", "CELERY_RESULT_BACKEND": ""}
+
+        refused = one_error_line(pocket_tts(env, "enqueue", "Hello."))
+        sent = pocket_tts({**env, "REDIS_PASSWORD_FILE": str(secret)}, "enqueue", "Hello.")
+        status = pocket_tts({**env, "REDIS_PASSWORD_FILE": str(secret)}, "jobs", sent.stdout.strip())
+
+    assert "Authentication required" in refused and "CELERY_BROKER_URL" in refused
+    assert sent.returncode == 0, sent.stderr
+    assert status.stdout.endswith(": queued: waiting for a free worker\n"), status.stderr

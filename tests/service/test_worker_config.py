@@ -65,6 +65,8 @@ def test_the_redis_password_can_come_from_a_file(tmp_path):
     assert settings.broker_url == settings.result_backend == "redis://:p%40ss%2Fword@redis:6379/0"
     with pytest.raises(SettingsError, match=f"REDIS_PASSWORD_FILE={tmp_path}/nope: cannot read the file"):
         settings_from(REDIS_PASSWORD_FILE=tmp_path / "nope")
+    with pytest.raises(SettingsError, match="CELERY_RESULT_BACKEND has no password and Celery reads it as given"):
+        settings_from(REDIS_PASSWORD_FILE=secret, CELERY_RESULT_BACKEND="redis://redis:6379/1")
     secret.write_text("\n")
     with pytest.raises(SettingsError, match="REDIS_PASSWORD_FILE=.* the file is empty"):
         settings_from(REDIS_PASSWORD_FILE=secret)
