@@ -32,9 +32,10 @@ LAB_WORK=${WORK:-${TMPDIR:-/tmp}/docker-lab}
 E2E=$(mktemp -d "${TMPDIR:-/tmp}/compose-e2e.XXXXXX")
 RESULTS=$E2E/results.txt
 STARTED=$(date +%s.%N)
-# Short limits, so that a killed job comes back within minutes: visibility >= 2 x the longest hard limit.
+# Short limits, so that a killed job comes back within a minute: the visibility timeout must exceed the
+# longest hard limit (10 + 0.15 x 300 + 5 = 60 s).
 SOFT_SHUTDOWN=3
-VISIBILITY=110
+VISIBILITY=65
 LONG_TEXT="This long text keeps one worker busy for several seconds, long enough to stop it in the middle of the job. It goes on, sentence after sentence, so that the job is still running when its worker is asked to leave, and another worker has to take it over and finish it."
 
 now() { date +%s.%N; }
@@ -134,8 +135,8 @@ export POCKET_TTS_IMAGE=$IMAGE POCKET_TTS_SECRETS_DIR=$E2E/secrets FLOWER_PORT \
     POCKET_TTS_WEIGHTS=/models/model.safetensors POCKET_TTS_VOICES_HOST_DIR=$E2E/voices \
     POCKET_TTS_DEFAULT_VOICE=voice.wav HF_HUB_OFFLINE=1 WORKER_CPUS=1 WORKER_HEALTHCHECK_INTERVAL=2s \
     POCKET_TTS_SOFT_SHUTDOWN_TIMEOUT=$SOFT_SHUTDOWN POCKET_TTS_VISIBILITY_TIMEOUT=$VISIBILITY \
-    POCKET_TTS_TIME_LIMIT_BASE=10 POCKET_TTS_TIME_LIMIT_PER_CHAR=0.1 POCKET_TTS_TIME_LIMIT_GRACE=5 \
-    POCKET_TTS_MAX_TEXT_CHARS=400
+    POCKET_TTS_TIME_LIMIT_BASE=10 POCKET_TTS_TIME_LIMIT_PER_CHAR=0.15 POCKET_TTS_TIME_LIMIT_GRACE=5 \
+    POCKET_TTS_MAX_TEXT_CHARS=300
 
 wait_healthy() {  # wait_healthy COUNT TIMEOUT: COUNT running worker containers, all healthy
     local deadline=$(( $(date +%s) + $2 )) healthy
