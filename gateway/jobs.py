@@ -59,6 +59,10 @@ class JobQueue:
             accept_content=["json"],
             result_accept_content=["json"],
             broker_connection_retry_on_startup=False,
+            # Celery prefers the CELERY_BROKER_URL variable to `broker=`; with REDIS_PASSWORD_FILE the
+            # variable lacks the password that settings.broker_url carries. Connections use these two.
+            broker_read_url=settings.broker_url,
+            broker_write_url=settings.broker_url,
         )
         self.redis = aioredis.Redis.from_url(settings.broker_url)
 

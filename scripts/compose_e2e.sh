@@ -3,7 +3,7 @@
 #
 #   bash scripts/compose_e2e.sh            # exit 0: passed, 1: a check failed, 77: no Docker engine (skipped)
 #
-# Builds the image from this working tree, starts Redis + 2 workers + Flower serving a local model
+# Builds the image from this working tree, starts Redis + 2 workers + Flower (+ the gateway) serving a local model
 # given by environment variables only (no override file), runs jobs (the README's
 # `docker-compose run --rm --no-deps worker pocket-tts enqueue ... --wait` among them), stops a worker
 # mid-job with `docker stop --time 90` and shows the job redone by the other, kills one mid-job
@@ -87,7 +87,7 @@ if [ -n "${E2E_BUILD_ARGS+set}" ]; then
     read -r -a BUILD_ARGS <<<"$E2E_BUILD_ARGS"
 elif [ -f "$LAB/wheelhouse.sh" ]; then
     log "filling and serving the lab's wheelhouse (pip download on the host)"
-    WORK=$LAB_WORK bash "$LAB/wheelhouse.sh" fill "$REPO[flower]" >"$E2E/wheelhouse.log" 2>&1 || { tail -20 "$E2E/wheelhouse.log"; fail "wheelhouse.sh fill"; }
+    WORK=$LAB_WORK bash "$LAB/wheelhouse.sh" fill "$REPO[flower,gateway]" >"$E2E/wheelhouse.log" 2>&1 || { tail -20 "$E2E/wheelhouse.log"; fail "wheelhouse.sh fill"; }
     WORK=$LAB_WORK bash "$LAB/wheelhouse.sh" serve >>"$E2E/wheelhouse.log" 2>&1 || { tail -20 "$E2E/wheelhouse.log"; fail "wheelhouse.sh serve"; }
     BUILD_ARGS=(--network host --build-arg PIP_NO_INDEX=1 --build-arg "PIP_FIND_LINKS=http://127.0.0.1:${PORT:-8780}/")
 else
@@ -125,11 +125,15 @@ cp "$VOICE_SRC" "$E2E/voices/voice.wav"
 python3 -c "import secrets; print(secrets.token_hex(16))" >"$E2E/secrets/redis_password"
 FLOWER_PASSWORD=$(python3 -c "import secrets; print(secrets.token_hex(12))")
 echo "admin:$FLOWER_PASSWORD" >"$E2E/secrets/flower_basic_auth"
+GATEWAY_KEY=$(python3 -c "import secrets; print(secrets.token_hex(16))")
+echo "$GATEWAY_KEY" >"$E2E/secrets/gateway_api_keys"
 chmod 644 "$E2E"/secrets/* "$E2E"/models/* "$E2E"/voices/*
 chmod 755 "$E2E" "$E2E"/models "$E2E"/voices "$E2E"/secrets
 REDIS_PASSWORD=$(cat "$E2E/secrets/redis_password")
-FLOWER_PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-export POCKET_TTS_IMAGE=$IMAGE POCKET_TTS_SECRETS_DIR=$E2E/secrets FLOWER_PORT \
+free_port() { python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+FLOWER_PORT=$(free_port)
+GATEWAY_PORT=$(free_port)
+export POCKET_TTS_IMAGE=$IMAGE POCKET_TTS_SECRETS_DIR=$E2E/secrets FLOWER_PORT GATEWAY_PORT \
     POCKET_TTS_NETWORK=$PROJECT POCKET_TTS_AUDIO_VOLUME=$PROJECT-audio \
     POCKET_TTS_MODELS_HOST_DIR=$E2E/models POCKET_TTS_CONFIG=/models/config.yaml \
     POCKET_TTS_WEIGHTS=/models/model.safetensors POCKET_TTS_VOICES_HOST_DIR=$E2E/voices \
@@ -158,7 +162,9 @@ container_of() {  # the worker container whose hostname is the Celery node's hos
     return 1
 }
 
-# ---- up: redis + 2 workers + Flower --------------------------------------------------------------
+has_gateway() { compose config --services | grep -qx gateway; }
+
+# ---- up: redis + 2 workers + Flower (+ the gateway) -----------------------------------------------
 log "docker-compose up -d --scale worker=2 (local model, HF_HUB_OFFLINE=1)"
 t0=$(now)
 compose up -d --no-build --scale worker=2 >"$E2E/up.log" 2>&1 || { cat "$E2E/up.log"; fail "docker-compose up"; }
@@ -177,6 +183,32 @@ t0=$(now)
 client batch 8 >"$E2E/batch.txt" || fail "a batch of 8 jobs"
 record "8 short jobs through 2 workers (client container included), s" "$(since "$t0")"
 [ "$(grep -c '^/data/audio/' "$E2E/batch.txt")" -eq 8 ] || fail "8 paths expected: $(cat "$E2E/batch.txt")"
+
+if has_gateway; then
+    python3 - "$GATEWAY_PORT" "$GATEWAY_KEY" >"$E2E/gateway.txt" <<'EOF' || { cat "$E2E/gateway.txt"; compose logs --tail 20 gateway >&2; fail "gateway checks"; }
+import json, sys, time, urllib.error, urllib.request
+port, key = sys.argv[1], sys.argv[2]
+def speech(headers):
+    body = json.dumps({"model": "pocket-tts", "input": "Hello through the gateway.", "voice": "voice.wav",
+                       "response_format": "wav"}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/audio/speech", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError as error:  # not listening yet
+        return None, str(error).encode()
+deadline = time.monotonic() + 180
+while (answer := speech({"Authorization": f"Bearer {key}"}))[0] in (None, 502, 503) and time.monotonic() < deadline:
+    time.sleep(1)
+assert answer[0] == 200 and answer[1][:4] == b"RIFF", answer[:1] + (answer[1][:200],)
+assert speech({})[0] == 401, "the gateway answered without a key"
+print(f"gateway: /v1/audio/speech {len(answer[1])} bytes of wav; 401 without a key")
+EOF
+    log "$(cat "$E2E/gateway.txt")"
+fi
 
 # ---- a worker stopped mid-job, then one killed mid-job ---------------------------------------------
 interrupt_mid_job() {  # interrupt_mid_job "docker stop --time 90" | "docker kill": the job must be redone elsewhere
@@ -239,7 +271,9 @@ log "$(cat "$E2E/flower.txt" | tr '\n' ' ')"
 
 # ---- secrets stay out of docker inspect; Redis never evicts ---------------------------------------
 for c in $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"); do
-    if docker inspect "$c" | grep -q -e "$REDIS_PASSWORD" -e "$FLOWER_PASSWORD"; then fail "a secret shows in docker inspect $c"; fi
+    if docker inspect "$c" | grep -q -e "$REDIS_PASSWORD" -e "$FLOWER_PASSWORD" -e "$GATEWAY_KEY"; then
+        fail "a secret shows in docker inspect $c"
+    fi
 done
 policy=$(compose exec -T redis sh -c 'REDISCLI_AUTH=$(cat /run/secrets/redis_password) redis-cli config get maxmemory-policy' | tail -1 | tr -d '\r')
 [ "$policy" = noeviction ] || fail "Redis maxmemory-policy is '$policy'"

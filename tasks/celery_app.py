@@ -40,12 +40,8 @@ _SHARE_VISIBILITY = (
 
 def celery_config(settings: Settings) -> dict:
     longest_soft, longest_hard = settings.longest_time_limits
-    return {
+    config = {
         "broker_url": settings.broker_url,
-        # Celery prefers the CELERY_BROKER_URL variable to `broker_url`, but connects with these two:
-        # the URL with the password from REDIS_PASSWORD_FILE is the one used.
-        "broker_read_url": settings.broker_url,
-        "broker_write_url": settings.broker_url,
         "result_backend": settings.result_backend,
         # JSON only: pickle is neither sent nor accepted.
         "accept_content": ["json"],
@@ -90,6 +86,11 @@ def celery_config(settings: Settings) -> dict:
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
     }
+    if settings.broker_password_from_file:
+        # Celery prefers the CELERY_BROKER_URL variable, which lacks the password, to `broker_url`;
+        # it connects with these two.
+        config.update(broker_read_url=settings.broker_url, broker_write_url=settings.broker_url)
+    return config
 
 
 app = Celery("pocket_tts")

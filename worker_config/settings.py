@@ -82,6 +82,7 @@ class Settings:
     child_start_timeout: float
     voice_cache_size: int
     max_batch: int
+    broker_password_from_file: bool  # REDIS_PASSWORD_FILE put the password into the URLs
     start_without_model: bool  # keep a worker up whose model or default voice failed to load
     cpus: UsableCpus
 
@@ -261,6 +262,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
         child_start_timeout=env.seconds("POCKET_TTS_CHILD_START_TIMEOUT", 120.0, minimum=1),
         voice_cache_size=env.integer("POCKET_TTS_VOICE_CACHE_SIZE", 8),
         max_batch=max_batch,
+        broker_password_from_file=redis_password is not None,
         start_without_model=env.flag("POCKET_TTS_START_WITHOUT_MODEL"),
         cpus=cpus,
     )
