@@ -141,22 +141,23 @@ def shipped_language(raw: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def random_checkpoint(checkpoint_dir: Path, language: str = "english") -> Path:
-    """config.yaml of a shipped model's full-size architecture with random weights in `checkpoint_dir`.
+def random_checkpoint(checkpoint_dir: Path, layout: str | Path = "english") -> Path:
+    """config.yaml of a full-size architecture with random weights in `checkpoint_dir`.
 
-    An existing checkpoint there (config.yaml + model.safetensors) is reused as is,
-    which also lets a small checkpoint stand in for the full-size one.
+    `layout` is a shipped language name or a config YAML (any of Kyutai's layouts). An
+    existing checkpoint there (config.yaml + model.safetensors) is reused as is, which also
+    lets a small checkpoint stand in for the full-size one.
     """
     checkpoint_dir = checkpoint_dir.resolve()  # workers run in another directory
     config = checkpoint_dir / "config.yaml"
     if config.is_file() and (checkpoint_dir / "model.safetensors").is_file():
         log(f"reusing the checkpoint in {checkpoint_dir}")
         return config
-    log(f"writing the full-size {language} architecture with random weights to {checkpoint_dir} ...")
+    log(f"writing the full-size {layout} architecture with random weights to {checkpoint_dir} ...")
     sys.path.insert(0, str(REPO_ROOT))
     from pocket_tts.random_checkpoint import write_random_checkpoint
 
-    return Path(write_random_checkpoint(checkpoint_dir, language, seed=0))
+    return Path(write_random_checkpoint(checkpoint_dir, layout, seed=0))
 
 
 def write_synthetic_voice(path: Path, seconds: float = 5.0, sample_rate: int = 24000) -> Path:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Speed of our engine, and optionally of Kyutai's reference package, on one fixed utterance.
 
-Both run the same checkpoint: by default the full-size English architecture with
-random weights (same cost as the released model, no download, no speech), at
+Both run the same checkpoint: the full-size architecture of a shipped model
+(`--language`, default english) or of any config YAML (`--config`) with random weights
+(same cost as the released model, no download, no speech), at
 temperature 0 with an unreachable EOS threshold, so every run produces the same
 number of frames. Each (engine, thread count) runs in a fresh process.
 
@@ -37,12 +38,14 @@ def parse_args() -> argparse.Namespace:
         help="write the random checkpoint here, or reuse the config.yaml + model.safetensors found here "
         "(default: a temporary directory)",
     )
-    parser.add_argument(
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
         "--language",
         type=bench.shipped_language,
         default="english",
         help="shipped model whose architecture the random checkpoint takes (default: english)",
     )
+    layout.add_argument("--config", type=Path, help="config YAML whose architecture to take instead (any layout)")
     bench.add_run_options(parser, default_threads=[1, 2])
     parser.add_argument("--kyutai-python", help="interpreter that has Kyutai's pocket-tts; adds its runs")
     parser.add_argument("--kyutai-int8", action="store_true", help="also run Kyutai's int8 (quantize=True) model")
@@ -81,7 +84,7 @@ def engines(args, config: Path, weights: Path, workdir: Path) -> list[dict]:
 
 
 def measure(args, workdir: Path) -> dict:
-    config = bench.random_checkpoint(args.checkpoint_dir or workdir / "checkpoint", args.language)
+    config = bench.random_checkpoint(args.checkpoint_dir or workdir / "checkpoint", args.config or args.language)
     weights = config.parent / "model.safetensors"
     voice = bench.write_synthetic_voice(workdir / "voice.wav")
     results = []

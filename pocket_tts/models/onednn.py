@@ -14,6 +14,8 @@ tensors, i.e. channels-last); they return the layout they are given.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -24,8 +26,17 @@ _ops = torch.ops.mkldnn
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(_ops, "_convolution_transpose_pointwise")
 
 
+# Below this many weight elements a oneDNN linear call costs more than MKL's whole matmul:
+# ~20-30 us of fixed overhead vs 3-7 us for a 112 x 576 row (the small models' every layer).
+SMALL_LINEAR = 1 << 18
+
+
 def _fast(weight: torch.Tensor) -> bool:
     return _ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _fast_linear(weight: torch.Tensor) -> bool:
+    return weight.numel() > SMALL_LINEAR and _fast(weight)
 
 
 class PackedWeight:
@@ -36,6 +47,7 @@ class PackedWeight:
 
     def __init__(self):
         self.entry = None  # (weight, its version, packed), swapped whole: safe across threads
+        self.onednn_wins: dict[tuple, bool] = {}  # convolutions: per input layout, see `_use_onednn`
 
     def __reduce__(self):
         return PackedWeight, ()
@@ -56,8 +68,8 @@ class Linear(nn.Linear):
         self.packed = PackedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast(self.weight):
-            return super().forward(x)
+        if not _fast_linear(self.weight):
+            return F.linear(x, self.weight, self.bias)
         w = self.packed.get(self.weight, _ops._reorder_linear_weight)
         return _ops._linear_pointwise(x, w, self.bias, "none", [], "")
 
@@ -71,24 +83,61 @@ class SharedLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast(self.weight):
-            return super().forward(x)
+        if not _fast_linear(self.weight):
+            return F.linear(x, self.weight, self.bias)
         return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def conv1d(packed: PackedWeight, x, weight, bias, stride: int = 1, dilation: int = 1) -> torch.Tensor:
     """F.conv1d(x, weight, bias, stride, padding=0, dilation) for x [B, C_in, T]."""
-    if not _fast(weight):
+
+    def plain():
         return F.conv1d(x, weight, bias, stride, 0, dilation)
-    args = [0, 0], [1, stride], [1, dilation], 1  # padding, stride, dilation, groups
-    w = packed.get(weight, lambda w: _ops._reorder_convolution_weight(w.unsqueeze(2), *args))
-    return _ops._convolution_pointwise(x.unsqueeze(2), w, bias, *args, "none", [], "").squeeze(2)
+
+    def fast():
+        args = [0, 0], [1, stride], [1, dilation], 1  # padding, stride, dilation, groups
+        w = packed.get(weight, lambda w: _ops._reorder_convolution_weight(w.unsqueeze(2), *args))
+        return _ops._convolution_pointwise(x.unsqueeze(2), w, bias, *args, "none", [], "").squeeze(2)
+
+    return fast() if _use_onednn(packed, x, weight, fast, plain) else plain()
 
 
 def conv_transpose1d(packed: PackedWeight, x, weight, bias, stride: int, groups: int = 1) -> torch.Tensor:
     """F.conv_transpose1d(x, weight, bias, stride, groups=groups) for x [B, C_in, T]."""
-    if not _fast(weight):
+
+    def plain():
         return F.conv_transpose1d(x, weight, bias, stride, groups=groups)
-    args = [0, 0], [0, 0], [1, stride], [1, 1], groups  # padding, output padding, stride, dilation
-    w = packed.get(weight, lambda w: _ops._reorder_convolution_transpose_weight(w.unsqueeze(2), *args))
-    return _ops._convolution_transpose_pointwise(x.unsqueeze(2), w, bias, *args, "none", [], "").squeeze(2)
+
+    def fast():
+        args = [0, 0], [0, 0], [1, stride], [1, 1], groups  # padding, output padding, stride, dilation
+        w = packed.get(weight, lambda w: _ops._reorder_convolution_transpose_weight(w.unsqueeze(2), *args))
+        return _ops._convolution_transpose_pointwise(x.unsqueeze(2), w, bias, *args, "none", [], "").squeeze(2)
+
+    return fast() if _use_onednn(packed, x, weight, fast, plain) else plain()
+
+
+def _use_onednn(packed: PackedWeight, x: torch.Tensor, weight: torch.Tensor, fast, plain) -> bool:
+    """Whether oneDNN runs this convolution faster than torch's own, timed once per input layout.
+
+    Neither wins everywhere: oneDNN is 2-5x faster on the default Mimi decoder's shapes but
+    ~30x slower on the 2M model's first decoder conv (128 -> 192 channels, kernel 3: 4 ms
+    against 0.15 ms). The batch size is left out of the layout, so batches of any size share
+    the choice made for the first one.
+    """
+    if not _fast(weight):
+        return False
+    layout = (tuple(x.shape[1:]), x.stride()[1:])
+    wins = packed.onednn_wins.get(layout)
+    if wins is None:
+        wins = packed.onednn_wins[layout] = _best_time(fast) < _best_time(plain)
+    return wins
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # packing, primitive creation
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

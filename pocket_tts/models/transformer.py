@@ -28,19 +28,24 @@ LayerState = dict[str, torch.Tensor]
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [B, T, 1, head_dim/2] for absolute `positions` [B, T] (float32)."""
+    """Rotation tables [B, T, 1, head_dim] for absolute `positions` [B, T] (float32).
+
+    Channel pair (2i, 2i+1) turns by angle position * max_period^(-2i / head_dim): the cosine
+    table repeats each pair's cosine, the sine table holds (-sin, sin), so that `apply_rope` is
+    two products and a sum.
+    """
     ds = torch.arange(head_dim // 2, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
     angles = positions.to(torch.float32)[..., None, None] * freqs
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, T, H, D]."""
+    """Rotate adjacent channel pairs of x [B, T, H, D]: (a, b) -> (a cos - b sin, a sin + b cos)."""
     b, t, h, d = x.shape
-    pairs = x.view(b, t, h, d // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).view(b, t, h, d)
+    swapped = x.view(b, t, h, d // 2, 2).flip(-1).view(b, t, h, d)
+    return x * cos + swapped * sin
 
 
 class Attention(nn.Module):
@@ -63,11 +68,43 @@ class Attention(nn.Module):
         self.in_proj = linear(d_model, attn_dim + 2 * self.num_kv_heads * self.head_dim, bias=False)
         self.out_proj = linear(attn_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: LayerState | None, tables: dict | None = None) -> torch.Tensor:
+        """`tables` holds what every layer of one transformer call shares (positions, RoPE, mask,
+        cache span): the first layer fills it, the others reuse it."""
         b, t, _ = x.shape
+        tables = {} if tables is None else tables
         projected = self.in_proj(x)
-        q = projected[..., : self.attn_dim].view(b, t, self.num_heads, self.head_dim)
-        k, v = projected[..., self.attn_dim :].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(dim=2)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if "rope" not in tables:
+            tables.update(self._position_tables(state, b, t))
+        # Queries and keys are adjacent in the projection: rotated together.
+        qk = apply_rope(projected[..., : (heads + kv_heads) * head_dim].view(b, t, heads + kv_heads, head_dim), *tables["rope"])
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        v = projected[..., (heads + kv_heads) * head_dim :].view(b, t, kv_heads, head_dim)
+
+        if state is None:
+            keys, values, key_positions, first_valid = k.transpose(1, 2), v.transpose(1, 2), tables["positions"], None
+        elif "cache" in state:
+            keys, values, key_positions, first_valid = self._append_linear(state, k, v, tables)
+        else:
+            keys, values, key_positions, first_valid = self._append_window(state, k, v, tables["positions"])
+
+        if "mask" not in tables:
+            tables["mask"] = self._mask(tables["positions"], key_positions, first_valid)
+        mask = tables["mask"]
+        if t == 1:  # one query per row (every generated frame): three small ops beat SDPA's ~60 us
+            group = q.view(b, kv_heads, heads // kv_heads, head_dim)  # query heads of each KV head
+            scores = torch.matmul(group, keys.transpose(2, 3)).mul_(head_dim**-0.5)
+            if mask is not None:
+                scores.masked_fill_(~mask, -math.inf)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)
+            return self.out_proj(out.reshape(b, 1, -1))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _position_tables(self, state: LayerState | None, b: int, t: int) -> dict:
         if state is None:
             offsets = torch.zeros(b, dtype=torch.long)
         elif "cache" in state:
@@ -77,27 +114,17 @@ class Attention(nn.Module):
             if "start" in state:  # each row counts from its own first position, exactly as when alone
                 offsets = offsets - state["start"]
         positions = offsets[:, None] + torch.arange(t)
-        cos, sin = rope_tables(positions, self.head_dim, self.max_period)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if state is None:
-            keys, values, key_positions, first_valid = k.transpose(1, 2), v.transpose(1, 2), positions, None
-        elif "cache" in state:
-            keys, values, key_positions, first_valid = self._append_linear(state, k, v, offsets)
-        else:
-            keys, values, key_positions, first_valid = self._append_window(state, k, v, positions)
-
-        mask = self._mask(positions, key_positions, first_valid)
-        grouped = self.num_kv_heads != self.num_heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=grouped)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+        tables = {"positions": positions, "rope": rope_tables(positions, self.head_dim, self.max_period)}
+        if state is not None and "cache" in state:
+            tables["span"] = (int(offsets.min()), int(offsets.max()))
+        return tables
 
     @staticmethod
-    def _append_linear(state: LayerState, k, v, offsets: torch.Tensor):
+    def _append_linear(state: LayerState, k, v, tables: dict):
         """Write k/v at each row's offset; rows may be at different offsets (batched streams)."""
-        cache = state["cache"]
+        cache, offsets = state["cache"], state["offset"]
         b, t = k.shape[:2]
-        first, last = int(offsets.min()), int(offsets.max())
+        first, last = tables["span"]
         end = last + t
         if end > cache.shape[2]:
             raise RuntimeError(f"KV cache holds {cache.shape[2]} positions, {end} needed")
@@ -110,8 +137,9 @@ class Attention(nn.Module):
             cache[1, rows, offsets] = v[:, 0]
         else:
             raise ValueError("several positions at once need rows at the same offset")
-        key_positions = torch.arange(end).expand(b, end)
-        return cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2), key_positions, state["pad"]
+        if "key_positions" not in tables:
+            tables["key_positions"] = torch.arange(end).expand(b, end)
+        return cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2), tables["key_positions"], state["pad"]
 
     def _append_window(self, state: LayerState, k, v, positions: torch.Tensor):
         keys = torch.cat((state["k"], k.transpose(1, 2)), dim=2)
@@ -214,8 +242,8 @@ class TransformerLayer(nn.Module):
             self.layer_scale_1 = LayerScale(d_model, layer_scale)
             self.layer_scale_2 = LayerScale(d_model, layer_scale)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), state))
+    def forward(self, x: torch.Tensor, state: LayerState | None, tables: dict | None = None) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), state, tables))
         hidden = F.gelu(self.linear1(self.norm2(x)), approximate="tanh")
         return x + self.layer_scale_2(self.linear2(hidden))
 
@@ -249,8 +277,9 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, states: list[LayerState] | None = None) -> torch.Tensor:
+        tables: dict = {}  # all layers see the same positions: RoPE and mask are built once per call
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if states is None else states[i])
+            x = layer(x, None if states is None else states[i], tables)
         if states is not None:
             for state in states:
                 state["offset"] += x.shape[1]
