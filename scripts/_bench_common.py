@@ -257,6 +257,8 @@ def summarize(runs: list[dict]) -> dict:
         "wall_s_max": round(max(wall), 3),
         "rtf": round(audio / wall_median, 3),
         "cpu_per_wall": round(statistics.median(run["cpu_s"] / run["wall_s"] for run in runs), 2),
+        # Audio per CPU second: the speed with the core to itself, on a machine where it waited for one.
+        "audio_per_cpu_s": round(audio / statistics.median(run["cpu_s"] for run in runs), 3),
         "others_cpu_per_wall": _others_per_wall(runs),
         "first_chunk_s": round(statistics.median(run["first_chunk_s"] for run in runs), 4),
     }

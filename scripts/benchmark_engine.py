@@ -2,16 +2,18 @@
 """Speed of our engine, and optionally of Kyutai's reference package, on one fixed utterance.
 
 Both run the same checkpoint: the full-size architecture of a shipped model
-(`--language`, default english) or of any config YAML (`--config`) with random weights
-(same cost as the released model, no download, no speech), at
+(`--language`, default english) or of any config YAML (`--config`, e.g. one of
+Kyutai's) with random weights (same cost as the released model, no download, no speech), at
 temperature 0 with an unreachable EOS threshold, so every run produces the same
 number of frames. Each (engine, thread count) runs in a fresh process.
 
     python scripts/benchmark_engine.py                         # ours, 1 and 2 threads
     python scripts/benchmark_engine.py --language english_7m_2026-10 --threads 1   # another shipped layout
     python scripts/benchmark_engine.py --kyutai-python /work/kyutai-venv/bin/python --kyutai-int8
+    python scripts/benchmark_engine.py --config english_2m_2026-10.yaml --threads 1 --pin-cores --kyutai-python ...
 
-xRT is audio seconds per wall second (higher is faster); first chunk is the time
+xRT is audio seconds per wall second (higher is faster), "audio s per CPU s" the same per
+second of this process's CPU time (what it gets with a core to itself); first chunk is the time
 from the generation call to the first audio piece; CPU s/s is the process's CPU
 time per wall second (below the thread count: it waited for a core); others CPU
 s/s is what the rest of the machine used meanwhile (a shared machine's noise).
@@ -108,7 +110,7 @@ def measure(args, workdir: Path) -> dict:
     return {
         "machine": bench.machine_info(),
         "checkpoint": str(config),
-        "language": args.language,
+        "language": str(args.config) if args.config else args.language,
         "text": UTTERANCE,
         "pinned_cores": args.pin_cores,
         "results": results,
@@ -117,13 +119,14 @@ def measure(args, workdir: Path) -> dict:
 
 def add_ratios(results: list[dict]) -> None:
     """On each Kyutai row, ours over Kyutai at the same precision (our float32 where ours did not
-    run in it): xRT ratio (>1: ours faster) and first-chunk ratio (<1: ours faster)."""
+    run in it): xRT ratio (>1: ours faster), the same per CPU second, and first-chunk ratio (<1: ours faster)."""
     ours = {(row["threads"], row["engine"]): row for row in results if row["engine"].startswith("ours")}
     for row in results:
         if row["engine"].startswith("kyutai"):
             precision = row["engine"].split()[1]
             mine = ours.get((row["threads"], f"ours {precision}")) or ours[(row["threads"], "ours float32")]
             row["xrt_ours_over_this"] = round(mine["rtf"] / row["rtf"], 2)
+            row["cpu_xrt_ours_over_this"] = round(mine["audio_per_cpu_s"] / row["audio_per_cpu_s"], 2)
             row["first_chunk_ours_over_this"] = round(mine["first_chunk_s"] / row["first_chunk_s"], 2)
 
 
@@ -132,12 +135,12 @@ def print_table(report: dict) -> None:
     pinned = "; each process pinned to <threads> cores" if report["pinned_cores"] else ""
     print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs; {report['language']} layout, checkpoint: "
           f"{report['checkpoint']}{pinned}")  # fmt: skip
-    headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "first chunk s", "CPU s/s",
-               "others CPU s/s", "xRT ours/this", "first chunk ours/this"]  # fmt: skip
+    headers = ["threads", "engine", "audio s", "wall s median (min-max)", "xRT", "audio s per CPU s", "first chunk s",
+               "CPU s/s", "others CPU s/s", "xRT ours/this", "per CPU s ours/this", "first chunk ours/this"]  # fmt: skip
     rows = [
         [row["threads"], row["engine"], f"{row['audio_s']:.2f}", bench.wall_cell(row), f"{row['rtf']:.2f}",
-         f"{row['first_chunk_s']:.3f}", *bench.cpu_cells(row), row.get("xrt_ours_over_this", ""),
-         row.get("first_chunk_ours_over_this", "")]
+         f"{row['audio_per_cpu_s']:.2f}", f"{row['first_chunk_s']:.3f}", *bench.cpu_cells(row),
+         row.get("xrt_ours_over_this", ""), row.get("cpu_xrt_ours_over_this", ""), row.get("first_chunk_ours_over_this", "")]
         for row in report["results"]
     ]  # fmt: skip
     print(bench.format_table(headers, rows))

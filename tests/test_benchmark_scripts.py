@@ -24,6 +24,7 @@ SUMMARY_FIELDS = {
     "first_chunk_s",
     "cpu_per_wall",
     "others_cpu_per_wall",
+    "audio_per_cpu_s",
 }
 
 
@@ -33,6 +34,22 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
         [sys.executable, str(SCRIPTS / name), *args],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=300, check=False,
     )  # fmt: skip
+
+
+def test_benchmark_engine_writes_the_layout_of_a_config(parity_dir, tmp_path):
+    """--config: random weights in another family's layout (here the 7M drifting one, reduced)."""
+    config = parity_dir / "families" / "tiny_drifting" / "config.yaml"
+    if not config.is_file():
+        pytest.skip("family fixtures not found")
+    result = run_script(
+        "benchmark_engine.py", "--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"), "--threads", "1",
+        "--iterations", "1", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["audio_s"] > 0 and row["audio_per_cpu_s"] > 0
+    written = (tmp_path / "ckpt" / "config.yaml").read_text()
+    assert "type: drifting" in written and "num_kv_heads: 2" in written
 
 
 def test_benchmark_engine_json_on_a_given_checkpoint(parity_dir, tmp_path):
