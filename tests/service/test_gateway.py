@@ -359,6 +359,22 @@ def test_web_page_speaks_and_reports_errors(browser, gateway):
 # ---------------------------------------------------------------------------- packaging
 
 
+def test_serve_is_a_pocket_tts_command_that_refuses_bad_settings_in_one_line(tmp_path):
+    def serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pocket_tts", "serve", *args]
+        return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+    empty_keys = tmp_path / "keys"
+    empty_keys.write_text("\n")
+    for run, code, reason in (
+        (serve("--workers", "0"), 2, "--workers must be >= 1"),
+        (serve(POCKET_TTS_API_KEYS_FILE=str(tmp_path / "missing")), 1, "POCKET_TTS_API_KEYS_FILE="),
+        (serve(POCKET_TTS_API_KEYS_FILE=str(empty_keys)), 1, "holds no key"),
+    ):
+        assert run.returncode == code and reason in run.stderr, run.stderr
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ")
+
+
 def test_gateway_never_imports_torch():
     code = "import sys, gateway.app, gateway.cli; sys.exit(bool({'torch', 'pocket_tts.models'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
