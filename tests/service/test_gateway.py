@@ -234,6 +234,21 @@ def test_models_voices_and_health(http, gateway):
     assert health["status"] == "healthy" and health["redis"] and health["workers"] >= 1
 
 
+def test_an_unreachable_redis_is_a_503_that_names_no_address(worker_env, tmp_path):
+    port = str(local_stack.free_port())  # nothing listens there
+    env = {**worker_env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
+    with local_stack.running_gateway(env, tmp_path / "gateway.log") as unreachable:
+        health = httpx.get(f"{unreachable.url}/health", timeout=30)
+        tts = httpx.post(f"{unreachable.url}/tts", data={"text": "Hi."}, timeout=30)
+        job = httpx.post(f"{unreachable.url}/v1/jobs", json={"text": "Hi."}, timeout=30)
+
+    assert health.status_code == 503 and health.json()["redis"] is False
+    for response in (tts, job):
+        assert response.status_code == 503
+        message = one_line_error(response)
+        assert "unreachable" in message and port not in message
+
+
 # ---------------------------------------------------------------------------- jobs
 
 
