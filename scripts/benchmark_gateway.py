@@ -128,6 +128,17 @@ def stream_once(client: httpx.Client, url: str, text: str) -> dict:
     return {"ttfb_s": first - started, "wall_s": ended - started, "audio_s": audio_s, "shortfall_s": shortfall}
 
 
+def stop_after_disconnect(client: httpx.Client, url: str, text: str, app) -> tuple[float, str]:
+    """Read a stream's first audio, disconnect; (seconds until the job ended, its final state)."""
+    with client.stream("POST", f"{url}/tts", data={"text": text}, timeout=120) as response:
+        job_id = response.headers["x-job-id"]
+        next(response.iter_raw())
+    left = time.perf_counter()
+    while (state := app.AsyncResult(job_id).state) not in ("REVOKED", "SUCCESS", "FAILURE"):
+        time.sleep(0.005)
+    return time.perf_counter() - left, state
+
+
 def concurrent_streams(clients: list[httpx.Client], url: str, text: str) -> tuple[list[dict], float]:
     results: list[dict] = [{} for _ in clients]
     barrier = threading.Barrier(len(clients))
@@ -161,7 +172,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     if args.mode == "batching":
         worker_settings["POCKET_TTS_MAX_BATCH"] = str(max(2, args.clients))
         worker_args, pool = ["-c", str(max(2, args.clients))], "threads"
-    in_process, ttfb, rounds = [], [], []
+    in_process, ttfb, rounds, stops = [], [], [], []
     with local_stack.redis_server() as redis:
         broker = f"{redis.url}/0"
         env = local_stack.worker_env(broker, worker_settings)
@@ -177,6 +188,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 in_process.append(first_chunk())
                 results, wall = concurrent_streams(clients, gateway.url, args.text)
                 rounds.append({"results": results, "wall_s": wall})
+                # Long enough to be still generating when the client leaves, on any checkpoint.
+                stops.append(stop_after_disconnect(clients[0], gateway.url, " ".join([args.text] * 8), app))
                 round_ttfb = [r["ttfb_s"] for r in results if "ttfb_s" in r]
                 ttfb += round_ttfb
                 worst = f"{max(round_ttfb) * 1000:.0f} ms" if round_ttfb else "no audio"
@@ -206,6 +219,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         # The start-up buffer a player needs so that no stream ever runs dry (0: none).
         "player_buffer_needed_ms": round(max((r["shortfall_s"] for r in ok), default=0) * 1000, 1),
         "errors": [r["error"] for r in streams if "error" in r],
+        # A client that disconnects after its first audio: how long until its job ended (REVOKED).
+        "disconnect_stop_ms": [round(seconds * 1000, 1) for seconds, _ in stops],
+        "disconnect_final_states": sorted({state for _, state in stops}),
         "log_tails": log_tails if any("error" in r for r in streams) else None,
         "streams": len(streams),
         "machine_cpu_busy": None if busy is None else round(busy, 2),
@@ -240,6 +256,10 @@ def print_table(report: dict) -> None:
     ]  # fmt: skip
     headers = ["path", "p50 ms", "p95 ms", "max ms", "audio s / wall s", "slowest stream xRT", "buffer needed ms", "streams"]
     print(bench.format_table(headers, [[("-" if c is None else c) for c in row] for row in rows]))
+    print(
+        f"client disconnected after its first audio: job ended {report['disconnect_final_states']} "
+        f"{min(report['disconnect_stop_ms']):.0f}-{max(report['disconnect_stop_ms']):.0f} ms later"
+    )
     for error in report["errors"][:5]:
         print(f"error: {error}")
     for name, tail in (report["log_tails"] or {}).items():

@@ -120,3 +120,4 @@ def test_benchmark_gateway_quick_json(parity_dir, tmp_path):
     assert (report["mode"], report["clients"], report["streams"], report["errors"]) == ("prefork", 2, 4, [])
     assert report["in_process_first_chunk_ms"]["p50"] > 0 and report["gateway_ttfb_ms"]["p50"] > 0
     assert report["audio_s_per_wall_s"] > 0 and report["slowest_stream_rtf"] > 0
+    assert len(report["disconnect_stop_ms"]) == 2 and report["disconnect_final_states"] == ["REVOKED"]
