@@ -79,7 +79,7 @@ class SynthesisTask(Task):
 
 @app.task(name="pocket_tts.synthesize", bind=True, base=SynthesisTask)
 def synthesize(self, text: str, voice: str | None = None, temperature: float | None = None, format: str = "wav",
-               seed: int | None = None, stream: bool = False) -> str:  # fmt: skip
+               seed: int | None = None, *, stream: bool = False) -> str:  # fmt: skip
     """Synthesize `text` and return the path of the audio file in the shared storage.
 
     With `seed`, running the job again gives the same audio (same worker settings and model).
