@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,13 @@ class ServiceFiles:
 def start_worker(env, logs_dir: Path, name: str, *args: str) -> subprocess.Popen:
     """A prefork worker logging to `logs_dir/<name>.log`, not waited for (tests of workers that refuse to start)."""
     return local_stack.start_worker(env, logs_dir / f"{name}.log", name, *args).process
+
+
+def run_python(env, *args: str, timeout: float = 60, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """`python ARGS` in `env`, its output captured as text; never raises on a non-zero exit."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def run_until_exit(env, logs_dir: Path, name: str, *args: str) -> tuple[int, str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from service_helpers import REPO_ROOT, SAMPLE_RATE, require_redis_server
+from service_helpers import REPO_ROOT, SAMPLE_RATE, require_redis_server, run_python
 
 pytestmark = pytest.mark.service
 
@@ -21,15 +20,7 @@ RESULT_FIELDS = {
 
 
 def run_script(name: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_python(env, str(SCRIPTS / name), *args, timeout=300, cwd=cwd)
 
 
 def clean_env(**settings: str) -> dict[str, str]:

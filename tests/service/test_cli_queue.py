@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from service_helpers import REPO_ROOT
+from service_helpers import run_python
 
 from tasks.local_stack import free_port, redis_server
 
@@ -19,15 +18,7 @@ FAST_FAILURE_BOUND = 10
 
 
 def pocket_tts(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pocket_tts", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_python(env, "-m", "pocket_tts", *args, timeout=timeout)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -4,10 +4,9 @@ with one line; the healthcheck asks the main process; the thread budget holds wh
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
-from service_helpers import REPO_ROOT, run_until_exit
+from service_helpers import run_python, run_until_exit
 
 from tasks.local_stack import free_port
 from worker_config import usable_cpus
@@ -56,15 +55,7 @@ def test_a_default_voice_that_cannot_load_stops_the_worker(worker_env, tmp_path)
 
 
 def healthcheck(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.healthcheck", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python(env, "-m", "tasks.healthcheck", *args)
 
 
 def test_the_healthcheck_needs_an_answer_and_a_loaded_model(session_worker, worker_env, launch_worker):
@@ -112,15 +103,7 @@ def test_autoscale_past_the_budget_is_refused_at_start(worker_env, tmp_path):
 def test_run_local_without_network_fails_fast_naming_the_ways_out(unreachable_hub_env, tmp_path):
     # Before: 77 s, and nothing said how to use local files.
     env = {key: value for key, value in unreachable_hub_env.items() if not key.startswith("POCKET_TTS_")}
-    run = subprocess.run(
-        [sys.executable, "scripts/run_local.py", "Hello.", "--storage-dir", str(tmp_path / "audio")],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    run = run_python(env, "scripts/run_local.py", "Hello.", "--storage-dir", str(tmp_path / "audio"))
 
     assert run.returncode == 1, run.stderr
     error, hint = run.stderr.splitlines()[-2:]
