@@ -66,7 +66,7 @@ def assert_still_serving(worker, client_app, main_pid: int) -> None:
         (None, {"eta": "not a date"}, "malformed message: InvalidTaskError"),
         ([["Hi."], {"colour": "red"}, {}], None, "got an unexpected keyword argument 'colour'"),
         ([[], {}, {}], None, "missing a required argument: 'text'"),
-        ([["Hi.", None, None, "wav", 1, "extra"], {}, {}], None, "too many positional arguments"),
+        ([["Hi.", None, None, "wav", 1, False, "extra"], {}, {}], None, "too many positional arguments"),  # 6 parameters
         ([["x" * 200_000], {}, {}], None, "message body is 2000"),  # refused by size, before decoding
     ],
 )
