@@ -87,7 +87,7 @@ class Stack:
             settings["POCKET_TTS_MAX_BATCH"] = "2"
         self.env = worker_env(f"{self.redis.url}/0", settings, python_path=[SCRIPTS_DIR])
         self.settings = load_settings({k: v for k, v in self.env.items() if k.startswith("POCKET_TTS_")})
-        self.pool = ("--pool=threads", "-c", "2") if args.mode == "batching" else ("-c", "1")
+        self.pool, self.concurrency = ("threads", "2") if args.mode == "batching" else ("prefork", "1")
         self.workers: dict[str, Worker] = {}
         self.restarts = Counter()
         stack.callback(self.stop)
@@ -97,7 +97,9 @@ class Stack:
     def start(self, name: str) -> None:
         log = self.logs / f"{name}-{self.restarts[name]}.log"
         self.restarts[name] += 1
-        self.workers[name] = start_worker(self.env, log, name, *self.pool, "--include", "_chaos_hooks")
+        self.workers[name] = start_worker(
+            self.env, log, name, "-c", self.concurrency, "--include", "_chaos_hooks", pool=self.pool
+        )
 
     def stop(self) -> None:
         for worker in self.workers.values():
@@ -159,7 +161,7 @@ def fault(stack: Stack, rng: random.Random) -> dict:
     if kind == "child":
         children = stack.children(name)
         if children:
-            victim = rng.choice(children) if stack.pool[0] != "--pool=threads" else None
+            victim = rng.choice(children) if stack.pool == "prefork" else None
             if victim is None:  # a batching worker runs jobs in its main process: its kill is a worker kill
                 event["kind"] = kind = "worker"
             else:
@@ -263,6 +265,7 @@ def report(stack: Stack, args, sent: list[str], kills: list[dict], ended: dict, 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on SIGTERM too
     if not (args.parity_dir / "config.yaml").is_file():
         sys.exit(f"no checkpoint in {args.parity_dir} (--parity-dir)")
     rng = random.Random(args.seed)
