@@ -1,0 +1,210 @@
+"""Faults of the stack itself: Redis killed and restarted, worker main processes and batching processes
+killed, a full disk, a missing storage mount, a job redelivered while its first attempt still runs.
+
+These tests share a private redis-server with an append-only file (its data survives SIGKILL, as a
+production Redis that must not lose jobs is run) and start their own workers with short time limits,
+so that the visibility timeout, and with it the recovery after a killed worker, is seconds long.
+Long outages and long fault storms are measured by scripts/chaos.py, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+from service_helpers import HOOKS_DIR, TEST_DEFAULT_VOICE, WORKER_START_TIMEOUT
+
+from tasks import local_stack
+
+pytestmark = pytest.mark.service
+
+JOB_TIMEOUT = 90
+# Hard limit 5 + 0.01 x 100 + 2 = 8 s: the visibility timeout may be 10 s.
+SHORT_LIMITS = {
+    "POCKET_TTS_MAX_TEXT_CHARS": "100",
+    "POCKET_TTS_TIME_LIMIT_BASE": "5",
+    "POCKET_TTS_TIME_LIMIT_PER_CHAR": "0.01",
+    "POCKET_TTS_TIME_LIMIT_GRACE": "2",
+    "POCKET_TTS_VISIBILITY_TIMEOUT": "10",
+}
+
+
+@pytest.fixture(scope="module")
+def redis():
+    from service_helpers import require_redis_server
+
+    require_redis_server()
+    with local_stack.redis_server(persistent=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app(redis):
+    return local_stack.client_app(f"{redis.url}/0")
+
+
+@pytest.fixture(scope="module")
+def fault_env(parity_dir, service_files, redis, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("fault-audio")
+    return local_stack.worker_env(
+        f"{redis.url}/0",
+        {
+            "POCKET_TTS_CONFIG": str(parity_dir / "config.yaml"),
+            "POCKET_TTS_WEIGHTS": str(parity_dir / "model.safetensors"),
+            "POCKET_TTS_VOICES_DIR": str(service_files.voices),
+            "POCKET_TTS_STORAGE_DIR": str(storage),
+            "POCKET_TTS_DEFAULT_VOICE": TEST_DEFAULT_VOICE,
+            "POCKET_TTS_NUM_THREADS": "1",
+            "SERVICE_TEST_HOOK_DIR": str(service_files.hooks),
+            **SHORT_LIMITS,
+        },
+        python_path=[HOOKS_DIR],
+    )
+
+
+@pytest.fixture
+def workers(fault_env, app, tmp_path):
+    """start(name, *args, env=..., pool=...) -> a ready Worker; all stopped after the test."""
+    started = []
+
+    def start(name, *args, env=None, pool="prefork", queue="celery"):
+        worker = local_stack.start_worker(
+            {**fault_env, **(env or {})}, tmp_path / f"{name}.log", name, "--include", "service_test_hooks", *args,
+            pool=pool, queue=queue,
+        )  # fmt: skip
+        started.append(worker)
+        worker.wait_ready(app, WORKER_START_TIMEOUT)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+def starts_of(service_files, task_id: str) -> list[tuple[int, float]]:
+    starts = service_files.hooks / f"{task_id}.starts"
+    if not starts.exists():
+        return []
+    return [(int(pid), float(when)) for pid, when in (line.split() for line in starts.read_text().splitlines())]
+
+
+def wait_for_starts(service_files, task_id: str, count: int = 1, timeout: float = JOB_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while len(found := starts_of(service_files, task_id)) < count:
+        assert time.monotonic() < deadline, f"job {task_id} did not start {count} time(s)"
+        time.sleep(0.05)
+    return found
+
+
+def send(app, text: str, queue: str = "celery", **kwargs):
+    return app.send_task("pocket_tts.synthesize", args=(text,), kwargs=kwargs, queue=queue)
+
+
+# ---------------------------------------------------------------- Redis restarts
+
+
+def test_jobs_running_through_a_redis_sigkill_finish_and_none_is_lost(redis, app, workers, service_files):
+    workers("through-redis", "-c", "2", env={"SERVICE_TEST_SLOW_SECONDS": "3"})
+    results = [send(app, f"SLOW job {i} through a Redis crash.") for i in range(6)]
+    wait_for_starts(service_files, results[0].id)
+
+    redis.kill()  # two jobs are running, four wait in the queue
+    time.sleep(3)
+    redis.start()
+    # The client waits on the same result handles through the outage.
+    paths = [Path(result.get(timeout=JOB_TIMEOUT)) for result in results]
+
+    assert all(path.is_file() for path in paths)
+    assert [len(starts_of(service_files, result.id)) for result in results] == [1] * 6  # none redone
+
+
+# ---------------------------------------------------------------- killed workers
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_the_jobs_of_a_killed_worker_run_again_within_the_recovery_bound(app, workers, service_files, pool):
+    env = {"SERVICE_TEST_SLOW_SECONDS": "2"}
+    if pool == "threads":  # the batching process: one process runs every job
+        env["POCKET_TTS_MAX_BATCH"] = "2"
+    victim = workers(f"victim-{pool}", "-c", "2" if pool == "threads" else "1", env=env, pool=pool, queue=pool)
+    result = send(app, "SLOW job of a worker that dies.", queue=pool)
+    wait_for_starts(service_files, result.id)
+
+    os.killpg(victim.pid, signal.SIGKILL)  # the main process and its children: a container dying
+    victim.process.wait(10)
+    killed_at = time.time()
+    workers(f"rescuer-{pool}", "-c", "1", env=env, pool=pool, queue=pool)
+    path = Path(result.get(timeout=JOB_TIMEOUT))
+
+    (_, _), (_, restarted) = starts_of(service_files, result.id)
+    print(f"{pool}: job restarted {restarted - killed_at:.1f} s after its worker was killed")
+    assert restarted - killed_at < 10 + 10 + 5  # visibility timeout + restore sweep + slack
+    assert path.is_file()
+
+
+def test_a_job_never_runs_twice_at_once(app, workers, service_files):
+    # The main process dies, its child keeps running the job (no hard limit without its parent)
+    # past the visibility timeout; the message comes back to the other worker meanwhile.
+    orphaned = workers("orphaned", "-c", "1", env={"SERVICE_TEST_SLOW_SECONDS": "25"}, queue="twice")
+    result = send(app, "SLOW job that outlives its worker.", queue="twice")
+    ((child, _),) = wait_for_starts(service_files, result.id)
+
+    os.kill(orphaned.pid, signal.SIGKILL)
+    workers("second", "-c", "1", queue="twice")
+    try:
+        path = Path(result.get(timeout=JOB_TIMEOUT))
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+    assert [pid for pid, _ in starts_of(service_files, result.id)] == [child]  # one attempt generated audio
+    assert path.is_file()
+
+
+def test_every_worker_uses_the_fleets_longest_visibility_timeout(workers):
+    workers("patient", "-c", "1", env={"POCKET_TTS_VISIBILITY_TIMEOUT": "40"}, queue="patient")
+    hasty = workers("hasty", "-c", "1", queue="hasty")
+
+    assert "visibility timeout 40 s (fleet-wide; ours 10 s)" in hasty.output()
+
+
+# ---------------------------------------------------------------- storage
+
+
+@pytest.fixture
+def tiny_storage(tmp_path):
+    mount = tmp_path / "tiny-storage"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_and_a_missing_mount_fail_jobs_with_a_storage_error(app, workers, tiny_storage):
+    worker = workers("tiny", "-c", "1", env={"POCKET_TTS_STORAGE_DIR": str(tiny_storage)}, queue="tiny")
+
+    full = send(app, "A text long enough to need more than sixteen kilobytes of audio.", queue="tiny")
+    full.get(timeout=JOB_TIMEOUT, propagate=False)
+
+    assert full.state == "FAILURE" and type(full.result).__name__ == "StorageError", full.result
+    assert str(full.result).endswith("No space left on device")
+    assert [p for p in tiny_storage.rglob("*") if p.is_file()] == []
+    assert "Exception ignored" not in worker.output()
+
+    subprocess.run(["umount", str(tiny_storage)], check=True)
+    tiny_storage.rmdir()  # the mount point is gone too: nothing may recreate it
+    missing = send(app, "Nowhere to go.", queue="tiny")
+    missing.get(timeout=JOB_TIMEOUT, propagate=False)
+
+    assert missing.state == "FAILURE" and "does not exist" in str(missing.result), missing.result
+    assert not tiny_storage.exists()
