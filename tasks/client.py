@@ -8,9 +8,11 @@ with the worker's reason, a wait that ran out says the job is still queued or ru
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu import Connection
@@ -23,6 +25,9 @@ from worker_config.settings import masked_url
 CONNECT_TIMEOUT = 3.0  # seconds; without this check Celery retries a dead broker for ~20 s
 WAIT_STEP = 1.0  # seconds between progress reports while waiting
 INSPECT_TIMEOUT = 1.0  # seconds the workers get to say which job they run
+# What a wait on a result raises while Redis restarts (Celery's reconnect gives up after ~20 s
+# with RuntimeError); the wait goes on until its own timeout.
+BACKEND_OUTAGE_ERRORS = (ConnectionError, OSError, RuntimeError, redis.RedisError)
 
 
 class BrokerUnreachableError(ConnectionError):
@@ -73,9 +78,12 @@ def wait_for(
     """The path of the finished job's audio; `on_progress(state, waited_seconds)` about every second.
 
     Raises JobFailedError when the job fails and TimeoutError when it has not
-    finished after `timeout` seconds (None waits forever).
+    finished after `timeout` seconds (None waits forever). A result backend that
+    goes away meanwhile (a Redis restart) is waited for, within the same timeout;
+    still away at the end, it is a BrokerUnreachableError.
     """
     started = time.monotonic()
+    outage = None  # why the last try could not reach the result backend, while it cannot
     try:
         while True:
             waited = time.monotonic() - started
@@ -84,18 +92,28 @@ def wait_for(
                 outcome = result.get(timeout=max(step, 0.001), propagate=False)
                 break
             except CeleryTimeoutError:
-                waited = time.monotonic() - started
-                if timeout is not None and waited >= timeout:
-                    raise TimeoutError(
-                        f"job {result.id} did not finish within {timeout:g} s; it is still {result.state.lower()} "
-                        f"(see `pocket-tts jobs {result.id}`)"
+                outage = None
+            except BACKEND_OUTAGE_ERRORS as exc:  # Redis restarting: the job goes on, and so does the wait
+                outage = _one_line(str(exc)) or type(exc).__name__
+                time.sleep(max(0.0, min(WAIT_STEP, step)))
+            waited = time.monotonic() - started
+            if timeout is not None and waited >= timeout:
+                if outage is not None:
+                    raise BrokerUnreachableError(
+                        f"job {result.id}: the result backend was unreachable ({outage}) when the "
+                        f"{timeout:g} s wait ran out; the job itself may still finish"
                     ) from None
-                if on_progress is not None:
-                    on_progress(result.state, waited)
+                raise TimeoutError(
+                    f"job {result.id} did not finish within {timeout:g} s; it is still {result.state.lower()} "
+                    f"(see `pocket-tts jobs {result.id}`)"
+                ) from None
+            if on_progress is not None and outage is None:
+                on_progress(result.state, waited)
     finally:
         # Stop listening for the result now: left to AsyncResult.__del__ at interpreter exit,
         # the unsubscribe runs while Python shuts down and prints a traceback.
-        result.backend.remove_pending_result(result)
+        with suppress(*BACKEND_OUTAGE_ERRORS):
+            result.backend.remove_pending_result(result)
     if result.failed():
         raise JobFailedError(f"job {result.id} failed: {type(outcome).__name__}: {_one_line(str(outcome))}")
     return outcome

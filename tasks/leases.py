@@ -7,7 +7,7 @@ only while it holds the job's lease, a Redis key naming it, with a short TTL
 that a thread of the running process keeps extending. A killed process stops
 extending it and the lease lapses after LEASE_TTL seconds (at once when the
 worker sees its child die: `release_lease`); another attempt that finds the
-lease held waits for it instead of running.
+lease held comes back when it would lapse, instead of running.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "pocket_tts:lease:"
-LEASE_TTL = 30  # seconds a lease outlives the last refresh of a dead process
+LEASE_TTL = 20  # seconds a lease outlives the last refresh of a dead process
 REFRESH_INTERVAL = 5
 
 # Extend or delete the key only while it still names this attempt.
@@ -46,9 +46,9 @@ class JobLease:
         self._thread.start()
         return True
 
-    def holder(self) -> str | None:
-        holder = self._client.get(self.key)
-        return holder.decode() if isinstance(holder, bytes) else holder
+    def seconds_left(self) -> int:
+        """How long the current holder's lease lasts unless extended (0 when there is none)."""
+        return max(0, int(self._client.ttl(self.key)))
 
     def _keep(self) -> None:
         while not self._stop.wait(REFRESH_INTERVAL):

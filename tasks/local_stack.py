@@ -255,11 +255,17 @@ class Worker:
     def wait_ready(self, app: Celery, timeout: float = WORKER_START_TIMEOUT) -> None:
         """Return once the worker answers a ping; raise StackError if it exits or the bound passes."""
         deadline = time.monotonic() + timeout
-        while not app.control.ping(destination=[self.node], timeout=0.5):
+        while not self._answers_ping(app):
             if self.process.poll() is not None:
                 raise StackError(f"worker {self.node} exited with code {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise StackError(f"worker {self.node} did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def _answers_ping(self, app: Celery) -> bool:
+        try:
+            return bool(app.control.ping(destination=[self.node], timeout=0.5))
+        except app.connection_for_write().connection_errors:  # a pooled connection from before a Redis restart
+            return False
 
     def child_pids(self, app: Celery) -> list[int]:
         """The processes that run jobs: the prefork pool's children, or the main process of a threads pool."""

@@ -20,7 +20,7 @@ from tasks.celery_app import app
 from tasks.deliveries import record_delivery
 from tasks.engine import load_engine, process_info
 from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError, SynthesisTimeLimitError
-from tasks.leases import REFRESH_INTERVAL, JobLease, release_lease
+from tasks.leases import JobLease, release_lease
 from tasks.storage import audio_path, write_once
 from tasks.validation import validate_job
 from worker_config import current_settings
@@ -93,8 +93,8 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     if path.is_file():
         return str(path)
     lease = JobLease(self.backend.client, self.request.id)
-    if not lease.acquire():  # another attempt runs: come back when it has finished or died
-        raise self.retry(countdown=2 * REFRESH_INTERVAL)
+    if not lease.acquire():  # another attempt runs: come back when it has finished or its lease lapsed
+        raise self.retry(countdown=lease.seconds_left() + 1)
     try:
         if path.is_file():  # finished between the first check and the lease
             return str(path)
