@@ -14,10 +14,13 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks.errors import InvalidJobError
 from tasks.validation import Job, resolve_voice
@@ -99,15 +102,16 @@ class Engine:
                 self._voice_states.popitem(last=False)
         return state
 
-    def synthesize(self, job: Job, on_audio: Callable | None = None):
+    def synthesize(self, job: Job, on_audio: Callable | None = None, time_limit: float | None = None):
         """1-D float32 audio at `sample_rate` (the voice state is never mutated).
 
         `on_audio(piece)` receives the audio in order as it is produced, in the calling
-        thread; an exception it raises stops the generation and propagates.
+        thread; an exception it raises stops the generation and propagates. `time_limit`
+        (seconds) is enforced here in batching mode only; prefork children have Celery's.
         """
         voice = self.voice_state(job.voice)
         if self._batcher is not None:  # generated together with the other pool threads' jobs
-            return self._batched(voice, job, on_audio)
+            return self._batched(voice, job, on_audio, time_limit)
         if on_audio is None:
             audio = self.model.generate_audio(voice, job.text, temp=job.temperature, seed=job.seed)
         else:
@@ -119,19 +123,30 @@ class Engine:
         return_freed_heap()
         return audio
 
-    def _batched(self, voice, job: Job, on_audio: Callable | None):
-        if on_audio is None:
-            return self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed).result()
+    def _batched(self, voice, job: Job, on_audio: Callable | None, time_limit: float | None):
+        """The job's audio from the shared batch; past `time_limit` s its rows leave the batch and
+        SoftTimeLimitExceeded is raised, as Celery does for prefork (the threads pool enforces no limit)."""
+        deadline = None if time_limit is None else time.monotonic() + time_limit
         produced: queue.SimpleQueue = queue.SimpleQueue()  # filled by the batcher's loop thread
-        future = self._batcher.submit(voice, job.text, temp=job.temperature, seed=job.seed, on_audio=produced.put)
+        future = self._batcher.submit(
+            voice, job.text, temp=job.temperature, seed=job.seed, on_audio=produced.put if on_audio else None
+        )
         future.add_done_callback(lambda _: produced.put(None))
         try:
-            while (piece := produced.get()) is not None:
-                on_audio(piece)
-        except BaseException:
+            while (piece := produced.get(timeout=_left(deadline))) is not None:
+                if on_audio is not None:
+                    on_audio(piece)
+        except queue.Empty:
             future.cancel()  # the batcher frees the job's rows at its next step
+            raise SoftTimeLimitExceeded() from None
+        except BaseException:
+            future.cancel()
             raise
         return future.result()
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _concatenated(pieces: list):

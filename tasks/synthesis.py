@@ -103,18 +103,23 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
 
         from pocket_tts.audio import encode_audio  # torch module: workers only
 
-        audio = engine.synthesize(job, audio_stream.AudioPublisher(self, engine.sample_rate) if stream else None)
+        publisher = audio_stream.AudioPublisher(self, engine.sample_rate) if stream else None
+        audio = engine.synthesize(job, publisher, time_limit=_soft_limit(self.request, settings, job))
         write_once(settings.storage_dir, path, encode_audio(audio, engine.sample_rate, job.format))
     except SoftTimeLimitExceeded:
-        _, sent_soft_limit = self.request.timelimit or (None, None)
-        soft_limit = sent_soft_limit or settings.time_limits(len(job.text))[0]
         raise SynthesisTimeLimitError(
-            f"synthesis of {len(job.text)} characters passed its soft time limit of {soft_limit:g} s "
+            f"synthesis of {len(job.text)} characters passed its soft time limit of "
+            f"{_soft_limit(self.request, settings, job):g} s "
             "(POCKET_TTS_TIME_LIMIT_BASE / POCKET_TTS_TIME_LIMIT_PER_CHAR)"
         ) from None
     finally:
         lease.release()
     return str(path)
+
+
+def _soft_limit(request, settings, job) -> float:
+    _, sent_soft_limit = request.timelimit or (None, None)
+    return sent_soft_limit or settings.time_limits(len(job.text))[0]
 
 
 @app.task(name="pocket_tts.worker_info", Strategy=BOUNDARY_STRATEGY)

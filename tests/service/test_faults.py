@@ -210,3 +210,21 @@ def test_a_full_disk_and_a_missing_mount_fail_jobs_with_a_storage_error(app, wor
 
     assert missing.state == "FAILURE" and "does not exist" in str(missing.result), missing.result
     assert not tiny_storage.exists()
+
+
+# ---------------------------------------------------------------- batching time limits
+
+
+def test_a_batching_worker_enforces_time_limits(app, workers, fault_env):
+    workers("batch-limits", "-c", "2", env={"POCKET_TTS_MAX_BATCH": "2"}, pool="threads", queue="batch-limits")
+    text = "A job in a batch that may not take more than a few milliseconds."
+
+    late = app.send_task("pocket_tts.synthesize", args=(text,), queue="batch-limits", soft_time_limit=0.02,
+                         time_limit=10)  # fmt: skip
+    late.get(timeout=JOB_TIMEOUT, propagate=False)
+    on_time = send(app, "The next job is served.", queue="batch-limits")
+
+    assert late.state == "FAILURE" and type(late.result).__name__ == "SynthesisTimeLimitError", late.result
+    assert "passed its soft time limit of 0.02 s" in str(late.result)
+    assert list(Path(fault_env["POCKET_TTS_STORAGE_DIR"]).rglob(f"*{late.id}*")) == []
+    assert Path(wait_for(on_time, timeout=JOB_TIMEOUT)).is_file()

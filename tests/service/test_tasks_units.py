@@ -313,3 +313,62 @@ def test_celery_settings_hold_the_reliability_rules():
     assert config["worker_soft_shutdown_timeout"] == 60
     assert app.tasks["pocket_tts.synthesize"].name == "pocket_tts.synthesize"
     assert "pocket_tts.worker_info" in app.tasks
+
+
+# ---------------------------------------------------------------- voices and leases
+
+
+def test_a_slow_voice_load_does_not_hold_up_other_voices():
+    import threading
+    from types import SimpleNamespace
+
+    from tasks.engine import Engine
+
+    release = threading.Event()
+
+    def load(voice):
+        if voice == "slow":
+            assert release.wait(10)
+        return f"state of {voice}"
+
+    engine = Engine(SimpleNamespace(get_state_for_audio_prompt=load), "test", voice_cache_size=4)
+    slow = threading.Thread(target=engine.voice_state, args=("slow",))
+    slow.start()
+    try:
+        assert engine.voice_state("quick") == "state of quick"  # while "slow" is still loading
+    finally:
+        release.set()
+        slow.join()
+    assert engine.voice_state("slow") == "state of slow"
+
+
+def test_a_voice_that_cannot_load_is_the_jobs_error():
+    from types import SimpleNamespace
+
+    from tasks.engine import Engine
+
+    def load(voice):
+        raise MemoryError
+
+    engine = Engine(SimpleNamespace(get_state_for_audio_prompt=load), "test", voice_cache_size=4)
+    with pytest.raises(InvalidJobError, match="voice 'bad' cannot be used: MemoryError"):
+        engine.voice_state("bad")
+
+
+def test_a_lease_is_held_by_one_attempt_at_a_time(redis_url):
+    import redis
+
+    from tasks.leases import LEASE_TTL, JobLease, release_lease
+
+    client = redis.Redis.from_url(f"{redis_url}/2")
+    first, second = JobLease(client, "job-lease"), JobLease(client, "job-lease")
+
+    assert first.acquire()
+    assert not second.acquire() and 0 < second.seconds_left() <= LEASE_TTL
+    first.release()
+    assert second.acquire()
+    release_lease(client, "job-lease")  # the worker whose child died drops it for the next attempt
+    assert first.acquire()
+    first.release()
+    second.release()  # its own lease is gone: nothing to delete
+    assert client.get("pocket_tts:lease:job-lease") is None
