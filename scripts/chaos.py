@@ -10,7 +10,7 @@ sleeps --job-seconds before generating, so that kills find jobs running. For
 --minutes it sends a steady stream of jobs (one in 20 is invalid on purpose)
 while a random fault hits every --fault-every seconds: SIGKILL of a pool child,
 SIGKILL of a whole worker (main process and children, as when its container
-dies; restarted after 2 s) or SIGKILL of redis-server (restarted after 1-5 s).
+dies; restarted after 2 s) or SIGKILL of redis-server (restarted after 1 to --redis-down seconds).
 Then it stops the faults and waits until every job has ended, up to the
 recovery bound of the settings plus a margin, and prints:
 
@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=1.0, help="jobs sent per second")
     parser.add_argument("--job-seconds", type=float, default=1.5, help="added to each job, so that kills hit jobs")
     parser.add_argument("--fault-every", type=float, default=20.0, help="seconds between faults (on average)")
+    parser.add_argument("--faults", default="child,worker,redis", help="the kinds of fault to draw from")
+    parser.add_argument("--redis-down", type=float, default=5.0, help="longest Redis outage, seconds (at least 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the counts here")
     parser.add_argument("--keep", type=Path, help="keep the worker logs, attempt records and audio in this folder")
@@ -148,14 +150,15 @@ def storm(stack: Stack, args, rng: random.Random) -> tuple[list[str], list[dict]
             sent.append(task_id)
             pending_texts.pop(0)
         if time.monotonic() >= next_fault:
-            kills.append(fault(stack, rng))
+            kills.append(fault(stack, args, rng))
             next_fault = time.monotonic() + rng.expovariate(1 / args.fault_every)
         time.sleep(1 / args.rate)
     return sent, kills
 
 
-def fault(stack: Stack, rng: random.Random) -> dict:
-    kind = rng.choices([k for k, _ in FAULTS], [w for _, w in FAULTS])[0]
+def fault(stack: Stack, args, rng: random.Random) -> dict:
+    kinds = [(kind, weight) for kind, weight in FAULTS if kind in args.faults.split(",")]
+    kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
     name = rng.choice(sorted(stack.workers))
     event = {"kind": kind, "worker": name, "at": time.time(), "jobs": []}
     if kind == "child":
@@ -177,8 +180,10 @@ def fault(stack: Stack, rng: random.Random) -> dict:
         time.sleep(2)
         stack.start(name)
     elif kind == "redis":
+        every_process = {pid for worker in stack.workers.values() for pid in group_pids(worker.pid)}
+        event["jobs"] = sorted(running_jobs(stack.attempts, every_process))
         stack.redis.kill()
-        time.sleep(rng.uniform(1, 5))
+        time.sleep(rng.uniform(1, max(1.0, args.redis_down)))
         stack.redis.start()
     print(f"  {time.strftime('%H:%M:%S')} fault: {event['kind']} {name} ({len(event['jobs'])} running job(s))",
           flush=True)  # fmt: skip

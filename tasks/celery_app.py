@@ -144,9 +144,8 @@ def prepare_worker_parent(sender, instance, **_):
 def _prepare_storage(settings: Settings) -> None:
     try:
         check_storage_root(settings.storage_dir)
-    except StorageError as exc:  # jobs fail with the same line until the folder is there
-        logger.error("pocket-tts: %s", exc)
-        return
+    except StorageError as exc:  # a worker that can store nothing is down, not failing every job
+        _refuse_to_start(str(exc))
     # A .part older than any job is the leftover of a killed writer.
     removed = remove_stale_parts(settings.storage_dir, settings.longest_time_limits[1])
     if removed:

@@ -20,6 +20,7 @@ from service_helpers import HOOKS_DIR, TEST_DEFAULT_VOICE, WORKER_START_TIMEOUT
 
 from tasks import local_stack
 from tasks.client import wait_for
+from tasks.celery_app import VISIBILITY_KEY
 from tasks.leases import LEASE_TTL
 
 pytestmark = pytest.mark.service
@@ -72,8 +73,15 @@ def fault_env(parity_dir, service_files, redis, tmp_path_factory):
 
 
 @pytest.fixture
-def workers(fault_env, app, tmp_path):
-    """start(name, *args, env=..., pool=...) -> a ready Worker; all stopped after the test."""
+def workers(fault_env, app, redis, tmp_path):
+    """start(name, *args, env=..., pool=...) -> a ready Worker; all stopped after the test.
+
+    The workers of each test are a fleet of their own: the fleet-wide visibility timeout starts afresh.
+    """
+    import redis as redis_client
+
+    with redis_client.Redis.from_url(f"{redis.url}/0") as client:
+        client.delete(VISIBILITY_KEY)
     started = []
 
     def start(name, *args, env=None, pool="prefork", queue="celery"):
@@ -115,7 +123,9 @@ def send(app, text: str, queue: str = "celery", **kwargs):
 
 
 def test_jobs_running_through_a_redis_sigkill_finish_and_none_is_lost(redis, app, workers, service_files):
-    workers("through-redis", "-c", "2", env={"SERVICE_TEST_SLOW_SECONDS": "3"})
+    # Limits far above the outage: a job is not cut short while its result waits for Redis.
+    roomy = {"SERVICE_TEST_SLOW_SECONDS": "3", "POCKET_TTS_TIME_LIMIT_BASE": "60", "POCKET_TTS_VISIBILITY_TIMEOUT": "100"}
+    workers("through-redis", "-c", "2", env=roomy)
     results = [send(app, f"SLOW job {i} through a Redis crash.") for i in range(6)]
     wait_for_starts(service_files, results[0].id)
 

@@ -212,8 +212,11 @@ def test_oversubscription_opt_in_starts_with_a_warning():
 
 
 @pytest.fixture
-def model_loads(monkeypatch):
-    """The thread counts the worker parent loads the model with (recorded, not loaded)."""
+def model_loads(monkeypatch, tmp_path):
+    """The thread counts the worker parent loads the model with (recorded, not loaded); the
+    default storage folder (./audio) exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "audio").mkdir()
     loads = []
     monkeypatch.setattr(celery_app, "load_engine", lambda settings, num_threads=None: loads.append(num_threads))
     return loads
@@ -256,3 +259,15 @@ def test_batching_feeds_every_row_and_counts_one_process_against_the_cpus():
     assert budget.torch_threads == 2 and not budget.oversubscribed
     with pytest.raises(SettingsError, match="POCKET_TTS_MAX_BATCH"):
         load_settings({"POCKET_TTS_MAX_BATCH": "0"}, cpus=cpus)
+
+
+def test_worker_parent_refuses_a_missing_storage_root(monkeypatch, caplog, model_loads, tmp_path):
+    settings = settings_from(UsableCpus(2, 2, None), POCKET_TTS_STORAGE_DIR=tmp_path / "unmounted")
+    monkeypatch.setattr(celery_app, "current_settings", lambda: settings)
+
+    with pytest.raises(SystemExit) as refused:
+        celery_app.prepare_worker_parent(sender="w@h", instance=SimpleNamespace(concurrency=1, pool_cls=PreforkPool))
+
+    assert refused.value.code == 78 and model_loads == []
+    assert f"storage directory {tmp_path / 'unmounted'} does not exist" in caplog.text
+    assert not (tmp_path / "unmounted").exists()
