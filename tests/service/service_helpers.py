@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +92,31 @@ def assert_audio_matches(path: Path, expected: np.ndarray) -> None:
     decoded = sf.read(str(path), dtype="int16")[0].astype(np.float64) / 32767
     assert decoded.shape == expected.shape
     assert np.max(np.abs(decoded - np.clip(expected, -1, 1))) <= AUDIO_TOLERANCE
+
+
+def job_starts(service_files: ServiceFiles, task_id: str) -> list[tuple[int, float]]:
+    """(pid, time) of each start of a SLOW job, as recorded by service_test_hooks."""
+    starts = service_files.hooks / f"{task_id}.starts"
+    if not starts.exists():
+        return []
+    return [(int(pid), float(when)) for pid, when in (line.split() for line in starts.read_text().splitlines())]
+
+
+def wait_for_start(service_files: ServiceFiles, task_id: str, count: int = 1, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while len(starts := job_starts(service_files, task_id)) < count:
+        assert time.monotonic() < deadline, f"job {task_id} did not start {count} time(s)"
+        time.sleep(0.02)
+    return starts
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "64k") mounted at `mount` (needs root: skips otherwise), unmounted afterwards."""
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service_helpers import HOOKS_DIR, TEST_DEFAULT_VOICE, WORKER_START_TIMEOUT
+from service_helpers import HOOKS_DIR, TEST_DEFAULT_VOICE, WORKER_START_TIMEOUT, job_starts, small_tmpfs, wait_for_start
 
 from tasks import local_stack
 from tasks.client import wait_for
@@ -100,21 +100,6 @@ def workers(fault_env, app, redis, tmp_path):
             worker.stop()
 
 
-def starts_of(service_files, task_id: str) -> list[tuple[int, float]]:
-    starts = service_files.hooks / f"{task_id}.starts"
-    if not starts.exists():
-        return []
-    return [(int(pid), float(when)) for pid, when in (line.split() for line in starts.read_text().splitlines())]
-
-
-def wait_for_starts(service_files, task_id: str, count: int = 1, timeout: float = JOB_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while len(found := starts_of(service_files, task_id)) < count:
-        assert time.monotonic() < deadline, f"job {task_id} did not start {count} time(s)"
-        time.sleep(0.05)
-    return found
-
-
 def send(app, text: str, queue: str = "celery", **kwargs):
     return app.send_task("pocket_tts.synthesize", args=(text,), kwargs=kwargs, queue=queue)
 
@@ -127,7 +112,7 @@ def test_jobs_running_through_a_redis_sigkill_finish_and_none_is_lost(redis, app
     roomy = {"SERVICE_TEST_SLOW_SECONDS": "3", "POCKET_TTS_TIME_LIMIT_BASE": "60", "POCKET_TTS_VISIBILITY_TIMEOUT": "100"}
     workers("through-redis", "-c", "2", env=roomy)
     results = [send(app, f"SLOW job {i} through a Redis crash.") for i in range(6)]
-    wait_for_starts(service_files, results[0].id)
+    wait_for_start(service_files, results[0].id)
 
     redis.kill()  # two jobs are running, four wait in the queue
     time.sleep(3)
@@ -136,7 +121,7 @@ def test_jobs_running_through_a_redis_sigkill_finish_and_none_is_lost(redis, app
     paths = [Path(wait_for(result, timeout=JOB_TIMEOUT)) for result in results]
 
     assert all(path.is_file() for path in paths)
-    assert [len(starts_of(service_files, result.id)) for result in results] == [1] * 6  # none redone
+    assert [len(job_starts(service_files, result.id)) for result in results] == [1] * 6  # none redone
 
 
 # ---------------------------------------------------------------- killed workers
@@ -149,7 +134,7 @@ def test_the_jobs_of_a_killed_worker_run_again_within_the_recovery_bound(app, wo
         env["POCKET_TTS_MAX_BATCH"] = "2"
     victim = workers(f"victim-{pool}", "-c", "2" if pool == "threads" else "1", env=env, pool=pool, queue=pool)
     result = send(app, "SLOW job of a worker that dies.", queue=pool)
-    wait_for_starts(service_files, result.id)
+    wait_for_start(service_files, result.id)
 
     os.killpg(victim.pid, signal.SIGKILL)  # the main process and its children: a container dying
     victim.process.wait(10)
@@ -157,7 +142,7 @@ def test_the_jobs_of_a_killed_worker_run_again_within_the_recovery_bound(app, wo
     workers(f"rescuer-{pool}", "-c", "1", env=env, pool=pool, queue=pool)
     path = Path(result.get(timeout=JOB_TIMEOUT))
 
-    (_, _), (_, restarted) = starts_of(service_files, result.id)
+    (_, _), (_, restarted) = job_starts(service_files, result.id)
     print(f"{pool}: job restarted {restarted - killed_at:.1f} s after its worker was killed")
     # Visibility timeout 10 s + restore sweep 10 s, or the lease of the killed attempt (20 s), + slack.
     assert restarted - killed_at < LEASE_TTL + 10
@@ -170,12 +155,12 @@ def test_a_job_never_runs_twice_at_once(app, workers, service_files):
     first = workers("first", "-c", "1", env={"SERVICE_TEST_SLOW_SECONDS": "30"}, queue="twice")
     result = app.send_task("pocket_tts.synthesize", args=("SLOW job that outlives the visibility timeout.",),
                            queue="twice", time_limit=60, soft_time_limit=50)  # fmt: skip
-    ((child, _),) = wait_for_starts(service_files, result.id)
+    ((child, _),) = wait_for_start(service_files, result.id)
     second = workers("second", "-c", "1", queue="twice")
 
     path = Path(wait_for(result, timeout=JOB_TIMEOUT))
 
-    assert [pid for pid, _ in starts_of(service_files, result.id)] == [child]  # one attempt generated audio
+    assert [pid for pid, _ in job_starts(service_files, result.id)] == [child]  # one attempt generated audio
     assert child in first.child_pids(app) and path.is_file()
     assert f"Task pocket_tts.synthesize[{result.id}] retry" in second.output()  # it waited for the lease
 
@@ -192,14 +177,8 @@ def test_every_worker_uses_the_fleets_longest_visibility_timeout(workers):
 
 @pytest.fixture
 def tiny_storage(tmp_path):
-    mount = tmp_path / "tiny-storage"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with small_tmpfs(tmp_path / "tiny-storage", "16k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_and_a_missing_mount_fail_jobs_with_a_storage_error(app, workers, tiny_storage):

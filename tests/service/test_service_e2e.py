@@ -18,8 +18,10 @@ from service_helpers import (
     REPO_ROOT,
     TEST_MAX_DELIVERIES,
     assert_audio_matches,
+    job_starts,
     run_until_exit,
     wait_children_ready,
+    wait_for_start,
 )
 
 pytestmark = pytest.mark.service
@@ -32,22 +34,6 @@ def run_job(client_app, text, **kwargs):
     result = client_app.send_task("pocket_tts.synthesize", args=(text,), kwargs=kwargs)
     result.get(timeout=JOB_TIMEOUT, propagate=False)
     return result
-
-
-def job_starts(service_files, task_id: str) -> list[tuple[int, float]]:
-    """(pid, time) of each start of a SLOW job, as recorded by service_test_hooks."""
-    starts = service_files.hooks / f"{task_id}.starts"
-    if not starts.exists():
-        return []
-    return [(int(pid), float(when)) for pid, when in (line.split() for line in starts.read_text().splitlines())]
-
-
-def wait_for_start(service_files, task_id: str, count: int = 1, timeout: float = JOB_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while len(starts := job_starts(service_files, task_id)) < count:
-        assert time.monotonic() < deadline, f"job {task_id} did not start {count} time(s)"
-        time.sleep(0.02)
-    return starts
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from celery.contrib.testing.mocks import TaskMessage
-from service_helpers import REPO_ROOT
+from service_helpers import REPO_ROOT, small_tmpfs
 
 from tasks import app
 from tasks.celery_app import celery_config
@@ -189,15 +189,8 @@ def test_a_full_disk_fails_the_job_and_leaves_no_partial_file(tmp_path, monkeypa
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (needs root), unmounted afterwards."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "64k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("optimize", [[], ["-O"]])
