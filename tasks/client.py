@@ -90,11 +90,15 @@ def wait_for(
             step = WAIT_STEP if timeout is None else min(WAIT_STEP, timeout - waited)
             try:
                 outcome = result.get(timeout=max(step, 0.001), propagate=False)
+                # A connection lost under the wait can come back as the "outcome": the job's own state says.
+                if isinstance(outcome, BACKEND_OUTAGE_ERRORS) and not _stored_failure(result):
+                    raise outcome
                 break
             except CeleryTimeoutError:
                 outage = None
             except BACKEND_OUTAGE_ERRORS as exc:  # Redis restarting: the job goes on, and so does the wait
                 outage = _one_line(str(exc)) or type(exc).__name__
+                result = _fresh_handle(result)  # the old one may hold the lost connection's error
                 time.sleep(max(0.0, min(WAIT_STEP, step)))
             waited = time.monotonic() - started
             if timeout is not None and waited >= timeout:
@@ -117,6 +121,16 @@ def wait_for(
     if result.failed():
         raise JobFailedError(f"job {result.id} failed: {type(outcome).__name__}: {_one_line(str(outcome))}")
     return outcome
+
+
+def _stored_failure(result: AsyncResult) -> bool:
+    return result.backend.get_task_meta(result.id, cache=False)["status"] == "FAILURE"
+
+
+def _fresh_handle(result: AsyncResult) -> AsyncResult:
+    with suppress(*BACKEND_OUTAGE_ERRORS):
+        result.backend.remove_pending_result(result)
+    return AsyncResult(result.id, backend=result.backend, app=result.app)
 
 
 def enqueue(

@@ -16,7 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
 from tasks import audio_stream
-from tasks.celery_app import app
+from tasks.celery_app import RESULT_STORE_RETRIES, app
 from tasks.deliveries import record_delivery
 from tasks.engine import load_engine, process_info
 from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError, SynthesisTimeLimitError
@@ -93,12 +93,15 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     if path.is_file():
         return str(path)
     lease = JobLease(self.backend.client, self.request.id)
-    if not lease.acquire():  # another attempt runs: come back when it has finished or its lease lapsed
-        raise self.retry(countdown=lease.seconds_left() + 1)
+    if not _through_outage(self.backend, lease.acquire):  # another attempt runs: come back when it ends
+        raise self.retry(countdown=_through_outage(self.backend, lease.seconds_left) + 1)
     try:
         if path.is_file():  # finished between the first check and the lease
             return str(path)
-        record_delivery(self.backend, self.request.id, settings.max_deliveries, settings.result_expires)
+        _through_outage(
+            self.backend, record_delivery, self.backend, self.request.id, settings.max_deliveries,
+            settings.result_expires,
+        )  # fmt: skip
         engine = load_engine(settings)  # already loaded in a prefork child; loads on first use elsewhere
 
         from pocket_tts.audio import encode_audio  # torch module: workers only
@@ -115,6 +118,12 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     finally:
         lease.release()
     return str(path)
+
+
+def _through_outage(backend, fun, *args):
+    """`fun(*args)`, retried while Redis is away, as long as result writes are (a job that starts
+    during a Redis restart waits for it instead of failing with a connection error)."""
+    return backend.ensure(fun, args, max_retries=RESULT_STORE_RETRIES, interval_step=1, interval_max=10)
 
 
 def _soft_limit(request, settings, job) -> float:
