@@ -115,7 +115,17 @@ def guarded_strategy(task, app, consumer, **kwargs):
 
 
 class GuardedConsumer(Consumer):
-    """Celery's consumer whose message handler cannot be stopped by one message."""
+    """Celery's consumer whose message handler cannot be stopped by one message, nor by a Redis restart."""
+
+    def on_connection_error_after_connected(self, exc):
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            # kombu's Redis channel, closed after its connection was collected, tries to hand back
+            # its unacked messages without connection parameters ("Unrecoverable error", measured in
+            # a batching worker). Those messages stay in Redis's unacked set and come back after the
+            # visibility timeout; the consumer reconnects as usual.
+            logger.warning("pocket-tts: unacked messages left for the visibility timeout to restore: %s", error)
 
     def create_task_handler(self, *args, **kwargs):
         on_task_received = super().create_task_handler(*args, **kwargs)
