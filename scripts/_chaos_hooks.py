@@ -47,7 +47,7 @@ def _running_elsewhere(task_id: str) -> list[int]:
     return alive
 
 
-def _recorded_synthesize(self, job):
+def _recorded_synthesize(self, job, *args, **kwargs):
     task_id = current_task.request.id
     with _lock:
         twice_here = task_id in _running_here
@@ -57,7 +57,7 @@ def _recorded_synthesize(self, job):
     _record("start", task_id)
     try:
         time.sleep(_JOB_SECONDS)  # jobs of the small checkpoint take ~0.1 s: too short for kills to hit
-        audio = _synthesize(self, job)
+        audio = _synthesize(self, job, *args, **kwargs)
     finally:
         with _lock:
             _running_here.discard(task_id)
