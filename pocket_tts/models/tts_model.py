@@ -23,6 +23,7 @@ from pocket_tts.files import ModelFileError, is_hub_path, resolve_file
 from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
 from pocket_tts.models.sampling import ChunkProgress, FrameSampler
+from pocket_tts.models.transformer import linear_cache
 from pocket_tts.precision import check_precision, lower_backbone_precision, precision_from_env
 from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
 from pocket_tts.threads import threads_from_env
@@ -371,7 +372,7 @@ class TTSModel(nn.Module):
         for name, layer in voice_state.items():
             offset = int(layer["offset"].view(-1)[0])
             old = layer["cache"]
-            cache = old.new_zeros((*old.shape[:2], offset + extra_positions, *old.shape[3:]))
+            cache = linear_cache(old.shape[1], offset + extra_positions, *old.shape[3:], dtype=old.dtype)
             cache[:, :, :offset] = old[:, :, :offset]
             state[name] = {"offset": layer["offset"].clone(), "pad": layer["pad"].clone(), "cache": cache}
         return state
