@@ -93,9 +93,9 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     if path.is_file():
         return str(path)
     lease = JobLease(self.backend.client, self.request.id)
-    if not _through_outage(self.backend, lease.acquire):  # another attempt runs: come back when it ends
-        raise self.retry(countdown=_through_outage(self.backend, lease.seconds_left) + 1)
-    try:
+    try:  # the soft time limit may also pass while Redis is away, before the lease is taken
+        if not _through_outage(self.backend, lease.acquire):  # another attempt runs: come back when it ends
+            raise self.retry(countdown=_through_outage(self.backend, lease.seconds_left) + 1)
         if path.is_file():  # finished between the first check and the lease
             return str(path)
         _through_outage(
