@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from functools import cache
 
+from tasks.errors import one_line
+
 AUDIO_KEY = "pocket_tts:audio:{}"
 CANCEL_KEY = "pocket_tts:cancel:{}"
 # Prefork jobs publish a piece per 4 frames (320 ms), batching jobs per frame (80 ms): 8192
@@ -87,7 +89,7 @@ def publish_end(task_id: str) -> None:
 
 
 def publish_error(task_id: str, exc: BaseException) -> None:
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc)
     _publish(task_id, {"error": type(exc).__name__, "reason": reason})
 
 

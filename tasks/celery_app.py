@@ -19,7 +19,7 @@ from celery import Celery, signals
 
 from tasks import control  # noqa: F401 - registers the health probe and the budget-guarded pool commands
 from tasks.engine import DefaultVoiceError, configure_torch_threads, describe_model, load_engine
-from tasks.errors import StorageError
+from tasks.errors import StorageError, one_line
 from tasks.storage import check_storage_root, remove_stale_parts
 from worker_config import OversubscriptionError, Settings, check_thread_budget, current_settings
 from worker_config.settings import RESTORE_INTERVAL
@@ -213,7 +213,7 @@ def load_failure(settings: Settings, exc: Exception) -> str:
     """One line: what failed to load, why, and how to fix it."""
     from pocket_tts.files import ModelFileError  # torch-free
 
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc)
     failure = f"the model ({describe_model(settings)}) could not be loaded: {reason}"
     if isinstance(exc, DefaultVoiceError):
         failure, fix = reason, "name a voice of the model's catalog or a file in POCKET_TTS_VOICES_DIR"

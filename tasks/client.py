@@ -19,6 +19,7 @@ from kombu import Connection
 
 from tasks.celery_app import app
 from tasks.deliveries import KEY_PREFIX as DELIVERIES_KEY_PREFIX
+from tasks.errors import one_line
 from tasks.synthesis import synthesize
 from worker_config.settings import masked_url
 
@@ -38,10 +39,6 @@ class JobFailedError(RuntimeError):
     """The job ended in FAILURE; the message carries the worker's one-line reason."""
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def check_connections(timeout: float = CONNECT_TIMEOUT) -> None:
     """Raise BrokerUnreachableError unless the broker and the result backend answer within `timeout` s.
 
@@ -58,7 +55,7 @@ def check_connections(timeout: float = CONNECT_TIMEOUT) -> None:
         except Exception as exc:  # noqa: BLE001 - refused, unknown host, auth, timeout: all one line
             raise BrokerUnreachableError(
                 f"cannot reach the {what} at {masked_url(url)} (set by {variable}): "
-                f"{_one_line(str(exc)) or type(exc).__name__}"
+                f"{one_line(exc)}"
             ) from None
 
 
@@ -97,7 +94,7 @@ def wait_for(
             except CeleryTimeoutError:
                 outage = None
             except BACKEND_OUTAGE_ERRORS as exc:  # Redis restarting: the job goes on, and so does the wait
-                outage = _one_line(str(exc)) or type(exc).__name__
+                outage = one_line(exc)
                 result = _fresh_handle(result)  # the old one may hold the lost connection's error
                 time.sleep(max(0.0, min(WAIT_STEP, step)))
             waited = time.monotonic() - started
@@ -119,7 +116,7 @@ def wait_for(
         with suppress(*BACKEND_OUTAGE_ERRORS):
             result.backend.remove_pending_result(result)
     if result.failed():
-        raise JobFailedError(f"job {result.id} failed: {type(outcome).__name__}: {_one_line(str(outcome))}")
+        raise JobFailedError(f"job {result.id} failed: {type(outcome).__name__}: {one_line(outcome)}")
     return outcome
 
 
@@ -173,13 +170,13 @@ def job_status(job_id: str) -> JobStatus:
     if state == "SUCCESS":
         return JobStatus(job_id, "succeeded", str(info))
     if state == "FAILURE":
-        return JobStatus(job_id, "failed", f"{type(info).__name__}: {_one_line(str(info))}")
+        return JobStatus(job_id, "failed", f"{type(info).__name__}: {one_line(info)}")
     deliveries = _delivery_count(result)
     attempt = f", delivery {deliveries}" if deliveries else ""
     if state == "STARTED":
         return JobStatus(job_id, "running", _running_detail(job_id, info) + attempt)
     if state != "PENDING":
-        return JobStatus(job_id, state.lower(), _one_line(str(info or "")))
+        return JobStatus(job_id, state.lower(), " ".join(str(info or "").split()))
     # PENDING is also what Celery says of an id it never saw: look for the message itself.
     where = _find_message(job_id)
     if where == "queue":

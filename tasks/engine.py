@@ -22,7 +22,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.errors import InvalidJobError
+from tasks.errors import InvalidJobError, one_line
 from tasks.validation import Job, resolve_voice
 from worker_config import Settings
 
@@ -94,7 +94,7 @@ class Engine:
         try:
             state = self.model.get_state_for_audio_prompt(voice)
         except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # a corrupt or hostile file
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = one_line(exc)
             raise InvalidJobError(f"voice {voice!r} cannot be used: {reason}") from None
         with self._voice_lock:
             self._voice_states[key] = state

@@ -1,6 +1,11 @@
 """Job failures that retrying cannot fix; each message is one line meant for the caller."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, or its type's name when it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class JobError(Exception):
     """Base of the failures a `synthesize` job reports instead of audio."""
 

@@ -14,6 +14,7 @@ import sys
 
 from tasks.client import check_connections
 from tasks.control import HEALTH_COMMAND
+from tasks.errors import one_line
 
 REPLY_TIMEOUT = 5.0
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         healthy, message = worker_health(node)
     except Exception as exc:  # noqa: BLE001 - settings, broker: unhealthy, with the reason
-        healthy, message = False, " ".join(str(exc).split()) or type(exc).__name__
+        healthy, message = False, one_line(exc)
     print(("healthy: " if healthy else "unhealthy: ") + message)
     return 0 if healthy else 1
 
