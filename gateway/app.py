@@ -30,8 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from gateway import audio
 from gateway.jobs import JobQueue, QueueTimeout, job_failure
 from gateway.limits import BodySizeLimit
+from gateway.openai_voices import catalog_voice, voice_map
 from gateway.voices import VoiceUploadError, store_uploaded_voice, voice_files
 from pocket_tts.catalog import DEFAULT_LANGUAGE, PREDEFINED_VOICES
+from tasks.audio_stream import AttemptChanged, Relay
 from worker_config.gateway import GatewaySettings, load_gateway_settings
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -215,8 +217,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         yield event({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
 
     async def encoded_body(rate: int, pieces: AsyncIterator[bytes], response_format: str):
-        pcm = b"".join([piece async for piece in pieces])
-        yield await run_in_threadpool(audio.encode, pcm, rate, response_format)
+        """Each piece encoded as it arrives (in a thread: an Opus piece takes a few ms)."""
+        encoder = await run_in_threadpool(audio.StreamEncoder, rate, response_format)
+        try:
+            async for piece in pieces:
+                if data := await run_in_threadpool(encoder.encode, piece):
+                    yield data
+            yield await run_in_threadpool(encoder.finish)
+        finally:
+            encoder.close()
 
     # ------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse)
@@ -263,7 +272,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ApiError(400, f"speed {body.speed:g} is not supported: only 1.0 (the model speaks at one pace)")
         if body.stream_format == "sse" and body.response_format not in audio.STREAMED_FORMATS:
             raise ApiError(400, f"stream_format 'sse' needs response_format {' or '.join(audio.STREAMED_FORMATS)}")
-        task_id, rate, pieces = await start_streaming_job(body.input, body.voice)
+        voice = catalog_voice(body.voice, language, service.default_voice)  # OpenAI's names: ours
+        task_id, rate, pieces = await start_streaming_job(body.input, voice)
         media_type = audio.FORMATS[body.response_format][0]
         if body.stream_format == "sse":
             content, media_type = sse_body(rate, pieces, wav=body.response_format == "wav"), "text/event-stream"
@@ -291,6 +301,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             "default": service.default_voice,
             "languages": {language: {"default_voice": service.default_voice, "voices": catalog}},
             "files": await run_in_threadpool(voice_files, service.voices_dir),
+            "openai": voice_map(language, service.default_voice),  # OpenAI's voice names -> the voice spoken
             "uploads": settings.uploads_dir is not None,
         }
 
@@ -378,10 +389,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
 
 async def _pcm_pieces(first: dict, entries: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """The job's audio, each sample once: a redelivered job's replayed start is skipped."""
+    relay = Relay()
     entry = first
     while True:
         if b"pcm" in entry:
-            yield entry[b"pcm"]
+            try:
+                pcm = relay.new_audio(entry)
+            except AttemptChanged as exc:
+                raise StreamBroken(str(exc)) from None
+            if pcm:
+                yield pcm
         elif b"end" in entry:
             return
         else:

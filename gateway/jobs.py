@@ -6,6 +6,7 @@ the audio streams are read with redis-py's asyncio client on the event loop.
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -70,10 +71,12 @@ class JobQueue:
         await self.redis.aclose()
 
     async def submit(self, text: str, voice: str | None, format: str = "wav", temperature: float | None = None) -> str:
-        """Send a streaming `pocket_tts.synthesize` job; returns its id."""
+        """Send a streaming `pocket_tts.synthesize` job; returns its id. Seeded, so that an attempt
+        that runs again after its worker died makes the same audio: its readers skip what they have."""
         task_id = str(uuid.uuid4())
         await self.redis.set(JOB_KEY.format(task_id), time.time(), ex=self.settings.result_expires)
-        kwargs = {"voice": voice, "format": format, "temperature": temperature, "stream": True}
+        seed = secrets.randbits(63)
+        kwargs = {"voice": voice, "format": format, "temperature": temperature, "seed": seed, "stream": True}
         await run_in_threadpool(
             self.celery.send_task,
             "pocket_tts.synthesize",

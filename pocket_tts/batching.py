@@ -5,7 +5,13 @@ single stream is bound by memory traffic. Generating B streams in one forward
 reads the weights once for all of them. `BatchedSynthesizer` runs a loop thread
 that keeps up to `max_batch` text chunks in flight: chunks of any request join
 as soon as a row is free and leave when they reach their end of speech, and each
-request's future resolves as soon as all of its chunks are done. A failure
+request's future resolves as soon as all of its chunks are done.
+
+Scheduling favours a new request's first audio: every step first admits whatever
+arrived meanwhile (no waiting to fill the batch), first chunks ahead of the later
+chunks of requests already playing (`_Stream.priority`), and the joining rows'
+text prompts run as one forward per (voice length, token count) group instead of
+one per row. A failure
 inside one request fails only that request's future. A request can also hand
 out its audio as it is produced (`on_audio`, in order) and be cancelled through
 its future: its rows are freed at the next step.
@@ -17,6 +23,8 @@ a leaving stream's row is refilled by moving the last row into it.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -68,18 +76,29 @@ class _Stream:
     temp: float
     progress: ChunkProgress
     generator: torch.Generator | None  # the chunk's own noise source (a seeded request); None: the global one
+    arrival: int = 0  # submission order, set by the synthesizer
     latent: torch.Tensor | None = None  # last emitted latent, the next step's input (flow space)
     done: bool = False
 
+    @property
+    def priority(self) -> tuple[bool, int, int]:
+        """Waiting chunks take free rows in this order: first chunks (a listener waits for their
+        first audio) before later ones (their request is already playing), then by arrival."""
+        return (self.chunk_index > 0, self.arrival, self.chunk_index)
+
+    def __lt__(self, other: _Stream) -> bool:
+        return self.priority < other.priority
+
 
 class BatchedSynthesizer:
-    def __init__(self, model: TTSModel, max_batch: int = 16, max_wait: float = 0.005):
+    def __init__(self, model: TTSModel, max_batch: int = 16):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
         self.max_batch = max_batch
-        self.max_wait = max_wait
         self._inbox: queue.Queue[_Stream | None] = queue.Queue()
+        self._waiting: list[_Stream] = []  # heap by priority; only the loop thread touches it
+        self._arrivals = itertools.count()
         self._streams: list[_Stream] = []
         self._caches: list[dict[str, torch.Tensor]] = []
         self._decoder: MimiDecoderState | None = None  # one row per stream, same order
@@ -107,8 +126,10 @@ class BatchedSynthesizer:
         request = _Request(
             Future(), [[] for _ in chunks], len(chunks), on_audio=on_audio, chunks_done=[False] * len(chunks)
         )
+        arrival = next(self._arrivals)
         streams = [
-            _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))), generator)
+            _Stream(request, index, voice_state, ids, temp, ChunkProgress(after_eos, model.max_frames(len(ids))),
+                    generator, arrival)  # fmt: skip
             for index, ((ids, after_eos), generator) in enumerate(zip(chunks, chunk_generators(seed, len(chunks))))
         ]
         self._ensure_running()
@@ -136,8 +157,8 @@ class BatchedSynthesizer:
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         stopping = False
-        while not (stopping and not self._streams and self._inbox.empty()):
-            stopping |= self._admit(block=not self._streams)
+        while not (stopping and not self._streams and not self._waiting and self._inbox.empty()):
+            stopping |= self._admit(block=not self._streams and not self._waiting)
             if not self._streams:
                 continue
             try:
@@ -151,45 +172,77 @@ class BatchedSynthesizer:
                 self._caches, self._decoder = [], None
 
     def _admit(self, block: bool) -> bool:
-        """Move waiting streams into free rows; returns True when asked to stop."""
+        """Move everything that arrived into the waiting heap, then the best waiting streams into
+        free rows; returns True when asked to stop. Blocks only while there is nothing to do."""
         stopping = False
-        timeout = None if block else 0.0
-        while len(self._streams) < self.max_batch:
+        while True:
             try:
-                stream = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
+                stream = self._inbox.get() if block else self._inbox.get_nowait()
             except queue.Empty:
                 break
+            block = False
             if stream is None:
                 stopping = True
-                break
-            if stream.request.failed or stream.request.future.cancelled():
-                continue
-            try:
-                with torch.inference_mode():
-                    self._join(stream)
-            except Exception as exc:
-                self._fail(stream.request, exc)
-                continue
-            timeout = self.max_wait if block else 0.0  # gather companions arriving together
+            else:
+                heapq.heappush(self._waiting, stream)
+        joining = []
+        while self._waiting and len(self._streams) + len(joining) < self.max_batch:
+            stream = heapq.heappop(self._waiting)
+            if not (stream.request.failed or stream.request.future.cancelled()):
+                joining.append(stream)
+        if joining:
+            with torch.inference_mode():
+                self._join(joining)
         return stopping
 
-    def _join(self, stream: _Stream) -> None:
-        model = self.model
+    def _join(self, streams: list[_Stream]) -> None:
+        """Give the streams rows, prompting their texts with one forward per group of rows at the
+        same offset with the same token count (16 one-chunk requests arriving together: one call,
+        not 16). A stream that fails fails its request alone (or with its group if the forward does)."""
+        groups: dict[tuple[int, int], list[_Stream]] = {}
+        for stream in streams:
+            try:
+                key = (_state_length(stream.voice), len(stream.ids))
+            except Exception as exc:  # not a voice state
+                self._fail(stream.request, exc)
+                continue
+            groups.setdefault(key, []).append(stream)
+        for group in groups.values():
+            first = len(self._streams)
+            placed = []
+            for stream in group:
+                try:
+                    self._reserve(first + len(placed) + 1, _rows_needed(stream))
+                    self._place_voice(stream, first + len(placed))
+                except Exception as exc:  # e.g. a voice state of the wrong shape
+                    self._fail(stream.request, exc)
+                    continue
+                placed.append(stream)
+            if not placed:
+                continue
+            rows = slice(first, first + len(placed))
+            generators = [s.generator for s in placed]
+            try:
+                self.model.sampler.prompt_text(
+                    torch.tensor([s.ids for s in placed], dtype=torch.long), self._views(rows), [s.temp for s in placed],
+                    generators if any(g is not None for g in generators) else None,
+                )  # fmt: skip
+            except Exception as exc:
+                for stream in placed:
+                    self._fail(stream.request, exc)
+                continue
+            fresh = self.model.mimi.init_decoder_state(len(placed))
+            self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
+            self._streams.extend(placed)
+
+    def _place_voice(self, stream: _Stream, row: int) -> None:
         voice_len = _state_length(stream.voice)
-        needed = voice_len + len(stream.ids) + stream.progress.max_frames
-        row = len(self._streams)
-        self._reserve(row + 1, needed)
-        for name, cache in zip(model.flow_lm.layer_names(), self._caches):
+        for name, cache in zip(self.model.flow_lm.layer_names(), self._caches):
             voice = stream.voice[name]
             cache["cache"][:, row].zero_()
             cache["cache"][:, row, :voice_len] = voice["cache"][:, 0, :voice_len]
             cache["offset"][row] = voice_len
             cache["pad"][row] = voice["pad"].view(-1)[0]
-        model.sampler.prompt_text(torch.tensor([stream.ids], dtype=torch.long), self._views(slice(row, row + 1)),
-                                  [stream.temp], None if stream.generator is None else [stream.generator])  # fmt: skip
-        fresh = model.mimi.init_decoder_state(1)
-        self._decoder = fresh if self._decoder is None else concat_decoder_states([self._decoder, fresh])
-        self._streams.append(stream)
 
     def _reserve(self, rows: int, length: int) -> None:
         """Grow the batched caches (rare: only when a longer or an extra row is needed)."""
@@ -296,3 +349,8 @@ class BatchedSynthesizer:
 
 def _state_length(voice: VoiceState) -> int:
     return int(next(iter(voice.values()))["offset"].view(-1)[0])
+
+
+def _rows_needed(stream: _Stream) -> int:
+    """KV cache positions the stream may fill: voice, text, every frame it may generate."""
+    return _state_length(stream.voice) + len(stream.ids) + stream.progress.max_frames

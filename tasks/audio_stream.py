@@ -2,9 +2,14 @@
 
 A `synthesize` job sent with `stream=True` appends its audio to the stream
 `pocket_tts:audio:<task id>` as the engine produces it, then one closing entry;
-the gateway reads the stream and relays it to its HTTP client. Entries:
+the gateway reads the stream and relays it to its HTTP client. A job redelivered after its
+worker died runs again from its start and publishes its audio again into the same stream,
+under the next attempt number: a reader skips the samples it already has (`new_audio`) when
+the job is seeded, and must stop otherwise (that audio would not continue what it has). Entries:
 
-* audio: ``pcm`` (16-bit little-endian mono samples), ``rate``, ``samples`` (total so far);
+* audio: ``pcm`` (16-bit little-endian mono samples), ``rate``, ``samples`` (total so far, this
+  piece included), ``attempt`` (the job's delivery count), ``seeded`` (1: a seeded job, whose
+  every attempt makes the same audio);
 * end: ``end`` (the audio file is stored), ``samples``;
 * error: ``error`` (the exception's class name), ``reason`` (its one-line message).
 
@@ -54,11 +59,11 @@ def _client():
 class AudioPublisher:
     """The `on_audio` callback of one streaming job: publishes each piece, stops on cancellation."""
 
-    def __init__(self, task, sample_rate: int):
+    def __init__(self, task, sample_rate: int, attempt: int = 1, seeded: bool = False):
         self._task = task
         self._key = audio_key(task.request.id)
         self._cancel_key = cancel_key(task.request.id)
-        self._rate = sample_rate
+        self._fields = {"rate": sample_rate, "attempt": attempt, "seeded": int(seeded)}
         self._samples = 0
 
     def __call__(self, piece) -> None:
@@ -68,7 +73,7 @@ class AudioPublisher:
         self._samples += piece.numel()
         pipe = _client().pipeline(transaction=False)
         pipe.exists(self._cancel_key)  # checked in the same round trip as the publish
-        pipe.xadd(self._key, {"pcm": pcm, "rate": self._rate, "samples": self._samples}, maxlen=MAX_ENTRIES)
+        pipe.xadd(self._key, {"pcm": pcm, "samples": self._samples, **self._fields}, maxlen=MAX_ENTRIES)
         pipe.expire(self._key, STREAM_TTL_SECONDS)
         cancelled, *_ = pipe.execute()
         if cancelled:
@@ -82,6 +87,37 @@ class AudioPublisher:
         # Ignore keeps Celery from storing another state over REVOKED; nothing was written yet.
         self._task.backend.mark_as_revoked(task_id, CANCELLED_REASON, request=self._task.request)
         raise Ignore(CANCELLED_REASON)
+
+
+class AttemptChanged(Exception):
+    """An unseeded job restarted after part of its audio was relayed: the rest would not fit."""
+
+
+class Relay:
+    """What a reader of one job's stream has relayed: turns audio entries into the new samples only."""
+
+    def __init__(self):
+        self.samples = 0  # relayed so far
+        self.attempt: bytes | None = None
+
+    def new_audio(self, entry: dict[bytes, bytes]) -> bytes:
+        """The part of an audio entry's PCM not relayed yet (b"" for a replayed piece)."""
+        attempt = entry.get(b"attempt")
+        if attempt != self.attempt:
+            if self.samples and entry.get(b"seeded") != b"1":
+                raise AttemptChanged(
+                    "the job's worker stopped and the job restarted elsewhere; without a seed its audio "
+                    "would not continue what was sent: request it again"
+                )
+            self.attempt = attempt
+        pcm = entry[b"pcm"]
+        end = int(entry[b"samples"])
+        start = end - len(pcm) // 2
+        if end <= self.samples:
+            return b""
+        skip = max(0, self.samples - start) * 2
+        self.samples = end
+        return pcm[skip:]
 
 
 def publish_end(task_id: str) -> None:

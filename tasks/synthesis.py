@@ -98,7 +98,7 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
             raise self.retry(countdown=_through_outage(self.backend, lease.seconds_left) + 1)
         if path.is_file():  # finished between the first check and the lease
             return str(path)
-        _through_outage(
+        attempt = _through_outage(
             self.backend, record_delivery, self.backend, self.request.id, settings.max_deliveries,
             settings.result_expires,
         )  # fmt: skip
@@ -106,7 +106,7 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
 
         from pocket_tts.audio import encode_audio  # torch module: workers only
 
-        publisher = audio_stream.AudioPublisher(self, engine.sample_rate) if stream else None
+        publisher = audio_stream.AudioPublisher(self, engine.sample_rate, attempt, job.seed is not None) if stream else None
         audio = engine.synthesize(job, publisher, time_limit=_soft_limit(self.request, settings, job))
         write_once(settings.storage_dir, path, encode_audio(audio, engine.sample_rate, job.format))
     except SoftTimeLimitExceeded:

@@ -90,3 +90,72 @@ def test_streamed_pieces_come_in_order_and_a_cancelled_request_leaves_alone(pari
         assert batcher._streams == []
     finally:
         batcher.close()
+
+
+def test_a_new_request_joins_at_the_next_step_ahead_of_later_chunks(parity_model, voices):
+    """A request arriving while another's chunks fill the batch gets the first free row (not the
+    playing request's next chunk), and a free row at the very next step."""
+    long_text = "The quick brown fox jumps over the lazy dog. Then it rests. " * 2  # many chunks at max_tokens=8
+    texts = ["Hello there.", "Yes, indeed."]
+    expected = [parity_model.generate_audio(voices["voice_24k"], t, temp=0.0) for t in texts]
+    batcher = BatchedSynthesizer(parity_model, max_batch=2)
+    steps: list[list[tuple[str, int]]] = []  # per step: (request, chunk) of each row
+    names: dict[int, str] = {}
+    step = batcher._step
+
+    def recorded_step():
+        steps.append([(names.get(id(s.request.future), "?"), s.chunk_index) for s in batcher._streams])
+        step()
+
+    batcher._step = recorded_step
+    late: list = []
+
+    def submit_late(piece):  # on the loop thread, after the long request's first step
+        if not late:
+            late.extend(batcher.submit(voices["voice_24k"], t, temp=0.0) for t in texts)
+            for name, future in zip(("b", "c"), late):
+                names[id(future)] = name
+
+    try:
+        first = batcher.submit(voices["voice_24k"], long_text, temp=0.0, max_tokens=8, on_audio=submit_late)
+        names[id(first)] = "a"
+        first.result(timeout=120)
+        for future, want in zip(late, expected):  # prompted together (same voice, same token count or not)
+            got = future.result(timeout=120)
+            assert got.shape == want.shape and (got - want).abs().max().item() < TOL
+    finally:
+        batcher.close()
+    joined = {}
+    for index, rows in enumerate(steps):
+        for row in rows:
+            joined.setdefault(row, index)
+    later_chunks = [index for (name, chunk), index in joined.items() if name == "a" and chunk >= 2]
+    assert later_chunks and joined[("b", 0)] < min(later_chunks) and joined[("c", 0)] < min(later_chunks)
+
+
+def test_requests_arriving_together_are_prompted_in_one_forward(parity_model, voices, monkeypatch):
+    texts = ["Hello there.", "Hello there.", "Yes, indeed, it is."]
+    expected = [parity_model.generate_audio(voices["voice_24k"], t, temp=0.0) for t in texts]
+    prompted_rows = []
+    prompt_text = parity_model.sampler.prompt_text
+
+    def recorded_prompt_text(ids, *args, **kwargs):
+        prompted_rows.append(ids.shape[0])
+        return prompt_text(ids, *args, **kwargs)
+
+    monkeypatch.setattr(parity_model.sampler, "prompt_text", recorded_prompt_text)
+    batcher = BatchedSynthesizer(parity_model, max_batch=4)
+    together: list = []
+
+    def submit_together(piece):  # on the loop thread: all three are waiting at the next step
+        if not together:
+            together.extend(batcher.submit(voices["voice_24k"], t, temp=0.0) for t in texts)
+
+    try:
+        batcher.submit(voices["voice_24k"], "Go.", temp=0.0, on_audio=submit_together).result(timeout=120)
+        for future, want in zip(together, expected):
+            got = future.result(timeout=120)
+            assert got.shape == want.shape and (got - want).abs().max().item() < TOL
+    finally:
+        batcher.close()
+    assert prompted_rows == [1, 2, 1]  # "Go.", then the two same-length texts in one call, then the other

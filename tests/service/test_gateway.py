@@ -184,10 +184,53 @@ def test_openai_client_speech(openai_client, service_files):
 
     assert_same_audio(np.frombuffer(pcm, dtype="<i2"), stored_samples(service_files, job_id))
     assert len(wav_samples(wav.content)) > 0
-    for response_format, container in (("flac", "FLAC"), ("mp3", "MP3"), ("opus", "OGG")):
-        encoded = speech.create(model="tts-1", voice="voice_24k.wav", input="Encoded.", response_format=response_format)
-        info = sf.info(io.BytesIO(encoded.content))
-        assert (info.format, info.samplerate, info.channels) == (container, SAMPLE_RATE, 1) and info.frames > 0
+    # OpenAI's voice names work unchanged: on this custom-config fleet, all speak the default voice.
+    alloy = speech.create(model="tts-1", voice="alloy", input="Hello.", response_format="wav")
+    assert len(wav_samples(alloy.content)) > 0
+
+
+def decoded_samples(data: bytes) -> np.ndarray:
+    """All samples of an encoded stream. A streamed FLAC says "length unknown" in its header, which
+    soundfile's read() cannot size an array for: read libsndfile's frames until it has no more."""
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        assert (f.samplerate, f.channels) == (SAMPLE_RATE, 1)
+        pieces, buffer = [], np.empty(4096, dtype=np.int16)
+        while count := sf._snd.sf_readf_short(f._file, sf._ffi.cast("short *", buffer.ctypes.data), len(buffer)):
+            pieces.append(buffer[:count].copy())
+    return np.concatenate(pieces)
+
+
+@pytest.mark.parametrize("response_format", ["flac", "opus", "mp3"])
+def test_encoded_formats_stream_as_the_audio_comes(http, service_files, response_format):
+    body = {"model": "tts-1", "voice": "voice_24k.wav", "input": LONG_TEXT[:300], "response_format": response_format}
+    with http.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.status_code == 200
+        chunks = [chunk for chunk in response.iter_raw() if chunk]
+        job_id = response.headers["x-job-id"]
+
+    assert len(chunks) > 1  # sent piece by piece, not once the job was done
+    streamed, stored = decoded_samples(b"".join(chunks)), stored_samples(service_files, job_id)
+    if response_format == "flac":  # lossless
+        assert_same_audio(streamed, stored)
+    elif response_format == "opus":
+        assert len(streamed) == len(stored)
+    else:  # MP3 frames hold 576 samples, plus the encoder's delay and the tag's placeholder frame
+        assert len(stored) <= len(streamed) <= len(stored) + 4 * 576
+
+
+def test_openai_voice_names_map_onto_the_served_languages_catalog():
+    from gateway.openai_voices import OPENAI_VOICES, catalog_voice, voice_map
+    from pocket_tts.catalog import PREDEFINED_VOICES
+
+    english = voice_map("english", "alba")
+    assert set(english) == set(OPENAI_VOICES) >= {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova",
+                                                   "onyx", "sage", "shimmer", "verse"}  # fmt: skip
+    assert set(english.values()) <= set(PREDEFINED_VOICES) and len(set(english.values())) == len(english)
+    assert english == voice_map("english_7m_2026-10", "alba")
+    assert set(voice_map("french_24l", "estelle").values()) == {"estelle"}
+    assert set(voice_map("german", "juergen").values()) == {"juergen"}
+    assert set(voice_map("custom", "mine.wav").values()) == {"mine.wav"}
+    assert catalog_voice("marius", "english", "alba") == "marius" and catalog_voice("x.wav", "french", "estelle") == "x.wav"
 
 
 def test_openai_sse_stream(http):
@@ -207,6 +250,7 @@ def test_openai_client_errors(openai_client, storage_unchanged):
         ({"speed": 1.5}, "only 1.0"),
         ({"model": "whisper-1"}, "unknown model"),
         ({"voice": "../../etc/passwd"}, "inside the voices directory"),
+        ({"voice": "Alloy"}, "unknown voice 'Alloy'"),
         ({"input": ""}, "text cannot be empty"),
     ]
     for change, reason in bad:
@@ -230,6 +274,7 @@ def test_models_voices_and_health(http, gateway):
 
     assert {"pocket-tts", "tts-1"} <= {m["id"] for m in models["data"]}
     assert voices["default"] == "voice_state.safetensors"
+    assert voices["openai"]["alloy"] == voices["openai"]["nova"] == "voice_state.safetensors"
     assert {"voice_24k.wav", "voice_state.safetensors"} <= set(voices["files"])
     assert health["status"] == "healthy" and health["redis"] and health["workers"] >= 1
 

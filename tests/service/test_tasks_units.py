@@ -365,3 +365,44 @@ def test_a_lease_is_held_by_one_attempt_at_a_time(redis_url):
     first.release()
     second.release()  # its own lease is gone: nothing to delete
     assert client.get("pocket_tts:lease:job-lease") is None
+
+
+def _audio_entries(samples, piece: int, attempt: int, seeded: bool = True):
+    """Stream entries of one attempt publishing `samples` (int16) in pieces of `piece` samples."""
+    entries, total = [], 0
+    for start in range(0, len(samples), piece):
+        pcm = samples[start : start + piece].tobytes()
+        total += len(pcm) // 2
+        fields = {"pcm": pcm, "samples": total, "rate": 24000, "attempt": attempt, "seeded": int(seeded)}
+        entries.append({k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()})
+    return entries
+
+
+def test_a_redelivered_jobs_replayed_audio_is_relayed_once():
+    import numpy as np
+
+    from tasks.audio_stream import Relay
+
+    audio = np.arange(20 * 1920, dtype="<i2")
+    # Attempt 1 (a batching worker, a piece per 80 ms frame) dies after 7 frames; attempt 2 (a
+    # prefork worker, 4 frames per piece) replays from the start: its pieces straddle the cut.
+    entries = _audio_entries(audio[: 7 * 1920], 1920, attempt=1) + _audio_entries(audio, 4 * 1920, attempt=2)
+    relay = Relay()
+    relayed = b"".join(relay.new_audio(entry) for entry in entries)
+    assert relayed == audio.tobytes() and relay.samples == len(audio)
+
+
+def test_an_unseeded_job_that_restarts_mid_stream_ends_the_relay():
+    import numpy as np
+
+    from tasks.audio_stream import AttemptChanged, Relay
+
+    audio = np.arange(4 * 1920, dtype="<i2")
+    relay = Relay()
+    for entry in _audio_entries(audio, 1920, attempt=1, seeded=False):
+        relay.new_audio(entry)
+    with pytest.raises(AttemptChanged, match="restarted"):
+        relay.new_audio(_audio_entries(audio, 1920, attempt=2, seeded=False)[0])
+    # Before any audio was relayed, another attempt is simply the stream.
+    fresh = Relay()
+    assert fresh.new_audio(_audio_entries(audio, 1920, attempt=2, seeded=False)[0]) == audio[:1920].tobytes()
