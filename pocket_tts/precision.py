@@ -1,34 +1,26 @@
-"""Reduced-precision backbone: int8 or bfloat16 weights for the FlowLM transformer's linear layers.
+"""Reduced precision: the FlowLM backbone's linears in int8 or bfloat16, the Mimi decoder in bfloat16.
 
 The backbone reads ~75M weights per generated frame, so its speed is set by
 memory traffic: int8 weights (per-output-channel scales, activations quantised
-on the fly by fbgemm) move 4x fewer bytes, bfloat16 2x. The flow head, the
-norms and Mimi stay in float32. Drift against float32 is measured in
-docs/performance.md.
+on the fly by fbgemm) move 4x fewer bytes, bfloat16 2x. The flow head and the
+norms stay in float32. The Mimi decoder is compute-bound at batch (the small models'
+~133 MFLOP per frame): in bfloat16 (weights, activations and streaming state) its products
+and convolutions run on AVX-512 BF16 and its signals move half the bytes; its audio comes
+out in float32. Drift against float32 is measured in docs/performance.md.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import nn
 
-PRECISION_ENV = "POCKET_TTS_PRECISION"
-PRECISIONS = ("float32", "bfloat16", "int8")
-
-
-def precision_from_env() -> str:
-    value = os.environ.get(PRECISION_ENV, "").strip().lower() or "float32"
-    return check_precision(value, f"{PRECISION_ENV}={value!r}")
+from pocket_tts.precision_env import PRECISIONS, precision_name
 
 
 def check_precision(value: str, source: str | None = None) -> str:
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "qint8": "int8"}
-    value = aliases.get(value, value)
-    if value not in PRECISIONS:
-        raise ValueError(f"{source or repr(value)}: precision must be one of {', '.join(PRECISIONS)}")
+    value = precision_name(value, PRECISIONS, source)
     if value == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
         raise ValueError("int8 precision needs torch's fbgemm/x86 quantized engine, absent from this build")
     return value
@@ -73,3 +65,15 @@ def lower_backbone_precision(transformer: nn.Module, precision: str) -> None:
         attn = layer.self_attn
         attn.in_proj, attn.out_proj = make(attn.in_proj), make(attn.out_proj)
         layer.linear1, layer.linear2 = make(layer.linear1), make(layer.linear2)
+
+
+def lower_decoder_precision(mimi: nn.Module, precision: str) -> None:
+    """Convert the Mimi decoder (projection, upsampling, transformer, SEANet) to `precision` in place.
+
+    The encoder (voice prompts) stays float32. Decoder states made afterwards take the weights' dtype.
+    """
+    if precision == "float32":
+        return
+    for part in (mimi.quantizer, mimi.upsample, mimi.decoder_transformer, mimi.decoder):
+        if part is not None:
+            part.to(torch.bfloat16)

@@ -19,6 +19,7 @@ from celery.app.backends import BACKEND_ALIASES
 from kombu.transport import TRANSPORT_ALIASES
 
 from pocket_tts.catalog import check_language, default_voice
+from pocket_tts.precision_env import precision_from_env
 from pocket_tts.threads import threads_from_env
 from worker_config.cpu_budget import (
     ALLOW_OVERSUBSCRIBE_ENV,
@@ -193,6 +194,8 @@ def load_settings(environ: Mapping[str, str] | None = None, cpus: UsableCpus | N
     cpus = cpus or usable_cpus()
     try:
         num_threads = threads_from_env(environ)
+        # The engine reads these when it loads; a bad value stops the worker here, in one line.
+        precision_from_env(environ), precision_from_env(environ, decoder=True)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 

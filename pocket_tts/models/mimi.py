@@ -195,9 +195,10 @@ class Mimi(nn.Module):
         """
         if latents.shape[1] == 0:
             return latents.new_zeros(latents.shape[0], self.channels, 0)
+        weight = self.quantizer["output_proj"].weight  # its dtype is the decoder's (`lower_decoder_precision`)
         # The 1x1 projection as a matmul: cheaper than a conv call, and time-major like all decoder signals.
-        x = F.linear(latents, self.quantizer["output_proj"].weight[:, :, 0]).transpose(1, 2)
+        x = F.linear(latents.to(weight.dtype), weight[:, :, 0]).transpose(1, 2)
         if self.upsample is not None:
             x = self.upsample["convtr"](x, state.upsample)
         x = self.decoder_transformer(x, state.transformer)
-        return self.decoder(x, state.seanet)
+        return self.decoder(x, state.seanet).float()

@@ -1,4 +1,4 @@
-"""oneDNN fast paths for float32 CPU inference: linear, conv1d, conv_transpose1d.
+"""oneDNN fast paths for float32 (and bfloat16) CPU inference: linear, conv1d, conv_transpose1d.
 
 torch sends float32 matmuls to MKL, whose AVX2 kernels are all it runs on AMD
 CPUs, and small convolutions to a naive im2col path. oneDNN's AVX-512 kernels
@@ -7,6 +7,7 @@ shapes (a 16-row linear: ~85 -> ~230 GFLOP/s on one EPYC core). The ops below
 are the mkldnn ones that torch.compile's CPU backend calls on frozen weights.
 
 Results match the plain ops to float32 rounding (a different summation order).
+bfloat16 weights (the opt-in bfloat16 Mimi decoder) run on oneDNN's AVX-512 BF16 kernels.
 Autograd, other devices or dtypes, and builds without oneDNN take the plain op.
 Convolutions are fastest on time-major memory ([B, C, T] views of [B, T, C]
 tensors, i.e. channels-last); they return the layout they are given.
@@ -31,8 +32,11 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(_ops, "_convolution_t
 SMALL_LINEAR = 1 << 18
 
 
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _fast(weight: torch.Tensor) -> bool:
-    return _ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu" and not torch.is_grad_enabled()
+    return _ONEDNN and weight.dtype in _DTYPES and weight.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def _fast_linear(weight: torch.Tensor) -> bool:

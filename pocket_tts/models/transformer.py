@@ -87,7 +87,7 @@ class Attention(nn.Module):
         projected = self.in_proj(x)
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         if "rope" not in tables:
-            tables.update(self._position_tables(state, b, t))
+            tables.update(self._position_tables(state, b, t, x.dtype))
         # Queries and keys are adjacent in the projection: rotated together.
         qk = apply_rope(projected[..., : (heads + kv_heads) * head_dim].view(b, t, heads + kv_heads, head_dim), *tables["rope"])
         q, k = qk[:, :, :heads], qk[:, :, heads:]
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _position_tables(self, state: LayerState | None, b: int, t: int) -> dict:
+    def _position_tables(self, state: LayerState | None, b: int, t: int, dtype: torch.dtype) -> dict:
         if state is None:
             offsets = torch.zeros(b, dtype=torch.long)
         elif "cache" in state:
@@ -125,7 +125,9 @@ class Attention(nn.Module):
             if "start" in state:  # each row counts from its own first position, exactly as when alone
                 offsets = offsets - state["start"]
         positions = offsets[:, None] + torch.arange(t)
-        tables = {"positions": positions, "rope": rope_tables(positions, self.head_dim, self.max_period)}
+        # Computed in float32; a bfloat16 Mimi decoder rotates in its own dtype.
+        rope = tuple(r.to(dtype) for r in rope_tables(positions, self.head_dim, self.max_period))
+        tables = {"positions": positions, "rope": rope}
         if state is not None and "cache" in state:
             tables["span"] = (int(offsets.min()), int(offsets.max()))
         return tables

@@ -24,7 +24,8 @@ from pocket_tts.models.flow_lm import FlowLM, VoiceState
 from pocket_tts.models.mimi import Mimi
 from pocket_tts.models.sampling import ChunkProgress, FrameSampler
 from pocket_tts.models.transformer import linear_cache
-from pocket_tts.precision import check_precision, lower_backbone_precision, precision_from_env
+from pocket_tts.precision import check_precision, lower_backbone_precision, lower_decoder_precision
+from pocket_tts.precision_env import DECODER_PRECISIONS, precision_from_env, precision_name
 from pocket_tts.text import TextOptions, Tokenizer, prepare_text, split_into_chunks
 from pocket_tts.threads import threads_from_env
 from pocket_tts.weights import assign_checkpoint, read_safetensors, read_training_checkpoint
@@ -65,7 +66,7 @@ class TTSModel(nn.Module):
         self.language = language
         self.has_voice_cloning = True
         self.has_custom_weights = False  # a training checkpoint: the catalog's voice states do not fit it
-        self.precision = "float32"
+        self.precision = self.decoder_precision = "float32"
         self.text_options = TextOptions(
             replace_characters=dict(config.replace_characters),
             remove_semicolons=config.remove_semicolons,
@@ -96,6 +97,7 @@ class TTSModel(nn.Module):
         lsd_decode_steps: int | None = None,
         precision: str | None = None,
         quantize: bool = False,
+        decoder_precision: str | None = None,
         checkpoint: str | Path | None = None,
     ) -> "TTSModel":
         """Build the model of a config and load its weights.
@@ -106,7 +108,9 @@ class TTSModel(nn.Module):
         `temp` and `eos_threshold`. `lsd_decode_steps` is the older name of
         `sampler_decode_steps`. `precision` ("float32", "bfloat16" or "int8") sets the
         backbone's weight format; None reads POCKET_TTS_PRECISION (default float32);
-        `quantize=True` is Kyutai's name for "int8". `checkpoint` is a training checkpoint
+        `quantize=True` is Kyutai's name for "int8". `decoder_precision` ("float32" or
+        "bfloat16") sets the Mimi decoder's; None reads POCKET_TTS_DECODER_PRECISION (default
+        float32). `checkpoint` is a training checkpoint
         (.pt) whose weights (its EMA ones when present) replace the FlowLM's, and Mimi's
         when it holds them; the others come from `weights` or the config.
         """
@@ -120,7 +124,10 @@ class TTSModel(nn.Module):
             if precision is not None and check_precision(precision) != "int8":
                 raise ValueError(f"quantize=True means int8 precision; it contradicts precision={precision!r}")
             precision = "int8"
-        precision = precision_from_env() if precision is None else check_precision(precision)
+        precision = check_precision(precision_from_env() if precision is None else precision)
+        if decoder_precision is None:
+            decoder_precision = precision_from_env(decoder=True)
+        decoder_precision = precision_name(decoder_precision, DECODER_PRECISIONS)
         if config is None:
             language = language or DEFAULT_LANGUAGE
             config_path = config_path_for_language(language)
@@ -152,6 +159,8 @@ class TTSModel(nn.Module):
         model.requires_grad_(False)
         lower_backbone_precision(model.flow_lm.transformer, precision)
         model.precision = precision
+        lower_decoder_precision(model.mimi, decoder_precision)
+        model.decoder_precision = decoder_precision
         model.sampler = FrameSampler(model.flow_lm, sampler_decode_steps, noise_clamp, model.sample_rate)
         logger.info("loaded %s with weights %s", config_path, source)
         return model

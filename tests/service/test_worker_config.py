@@ -49,6 +49,14 @@ def test_an_unknown_model_name_is_refused_with_the_names():
         settings_from(POCKET_TTS_LANGUAGE="klingon")
 
 
+def test_precision_settings_are_checked_before_the_model_loads():
+    settings_from(POCKET_TTS_PRECISION="int8", POCKET_TTS_DECODER_PRECISION="bf16")
+    with pytest.raises(SettingsError, match=r"^POCKET_TTS_DECODER_PRECISION='int8': decoder precision must be one of float32, bfloat16$"):
+        settings_from(POCKET_TTS_DECODER_PRECISION="int8")
+    with pytest.raises(SettingsError, match=r"^POCKET_TTS_PRECISION='fp8': precision must be one of float32, bfloat16, int8$"):
+        settings_from(POCKET_TTS_PRECISION="FP8")
+
+
 def test_result_backend_defaults_to_the_brokers_redis():
     settings = settings_from(CELERY_BROKER_URL="redis://:pw@redis:6379/2")
 
