@@ -33,10 +33,13 @@ E2E=$(mktemp -d "${TMPDIR:-/tmp}/compose-e2e.XXXXXX")
 RESULTS=$E2E/results.txt
 STARTED=$(date +%s.%N)
 # Short limits, so that a killed job comes back within a minute: the visibility timeout must exceed the
-# longest hard limit (10 + 0.15 x 300 + 5 = 60 s).
+# longest hard limit (10 + 0.05 x 1100 + 5 = 70 s).
 SOFT_SHUTDOWN=3
-VISIBILITY=65
-LONG_TEXT="This long text keeps one worker busy for several seconds, long enough to stop it in the middle of the job. It goes on, sentence after sentence, so that the job is still running when its worker is asked to leave, and another worker has to take it over and finish it."
+VISIBILITY=75
+SENTENCES="This long text keeps one worker busy for several seconds, long enough to stop it in the middle of the job. It goes on, sentence after sentence, so that the job is still running when its worker is asked to leave, and another worker has to take it over and finish it."
+# Four times over (~1060 characters): one copy took 0.8 s on a quiet CI machine, too short to stop mid-job;
+# four take ~3 s there and 10-30 s on a loaded 2-core machine, well inside the 70 s hard limit.
+LONG_TEXT="$SENTENCES $SENTENCES $SENTENCES $SENTENCES"
 
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "${2:-$(now)}"; }
@@ -139,8 +142,8 @@ export POCKET_TTS_IMAGE=$IMAGE POCKET_TTS_SECRETS_DIR=$E2E/secrets FLOWER_PORT G
     POCKET_TTS_WEIGHTS=/models/model.safetensors POCKET_TTS_VOICES_HOST_DIR=$E2E/voices \
     POCKET_TTS_DEFAULT_VOICE=voice.wav HF_HUB_OFFLINE=1 WORKER_CPUS=1 WORKER_HEALTHCHECK_INTERVAL=2s \
     POCKET_TTS_SOFT_SHUTDOWN_TIMEOUT=$SOFT_SHUTDOWN POCKET_TTS_VISIBILITY_TIMEOUT=$VISIBILITY \
-    POCKET_TTS_TIME_LIMIT_BASE=10 POCKET_TTS_TIME_LIMIT_PER_CHAR=0.15 POCKET_TTS_TIME_LIMIT_GRACE=5 \
-    POCKET_TTS_MAX_TEXT_CHARS=300
+    POCKET_TTS_TIME_LIMIT_BASE=10 POCKET_TTS_TIME_LIMIT_PER_CHAR=0.05 POCKET_TTS_TIME_LIMIT_GRACE=5 \
+    POCKET_TTS_MAX_TEXT_CHARS=1100
 
 wait_healthy() {  # wait_healthy COUNT TIMEOUT: COUNT running worker containers, all healthy
     local deadline=$(( $(date +%s) + $2 )) healthy
@@ -213,26 +216,32 @@ fi
 # ---- a worker stopped mid-job, then one killed mid-job ---------------------------------------------
 interrupt_mid_job() {  # interrupt_mid_job "docker stop --time 90" | "docker kill": the job must be redone elsewhere
     local action=$1 job first second container t_stop t_redo
-    job=$(client send "$LONG_TEXT" | tr -d '\r')
-    client watch "$job" $((VISIBILITY + 120)) >"$E2E/watch-$job.txt" 2>&1 </dev/null &
+    # One container sends and watches: a second `docker-compose run` would start seconds into the job.
+    local watch_file=$E2E/watch-$(date +%s%N).txt
+    client send-watch "$LONG_TEXT" $((VISIBILITY + 120)) >"$watch_file" 2>&1 </dev/null &
     local watcher=$!
-    for _ in $(seq 120); do
-        first=$(awk '$2 == "STARTED" {print $3; exit}' "$E2E/watch-$job.txt")
+    for _ in $(seq 600); do
+        first=$(awk '$2 == "STARTED" {print $3; exit}' "$watch_file")
         [ -n "$first" ] && break
-        sleep 0.5
+        sleep 0.1
     done
+    job=$(awk '$1 == "job" {print $2; exit}' "$watch_file")
     [ -n "$first" ] || fail "job $job did not start"
     container=$(container_of "$first") || fail "no container for $first"
-    sleep 1  # well inside the job (several seconds long)
+    sleep 0.3  # inside the job (seconds long), past its first frames
+    if grep -q ' SUCCESS ' "$watch_file"; then
+        cat "$watch_file"
+        fail "job $job finished before '$action' (this machine is faster than LONG_TEXT allows for)"
+    fi
     t_stop=$(now)
     $action "$container" >/dev/null
     record "'$action' of a worker mid-job returned after, s" "$(since "$t_stop")"
-    wait "$watcher" || { cat "$E2E/watch-$job.txt"; fail "job $job was not redone after '$action'"; }
-    second=$(awk -v first="$first" '$2 == "STARTED" && $3 != first {print $3; exit}' "$E2E/watch-$job.txt")
-    [ -n "$second" ] || { cat "$E2E/watch-$job.txt"; fail "job $job did not start on another worker"; }
-    t_redo=$(awk -v second="$second" '$2 == "STARTED" && $3 == second {print $1; exit}' "$E2E/watch-$job.txt")
+    wait "$watcher" || { cat "$watch_file"; fail "job $job was not redone after '$action'"; }
+    second=$(awk -v first="$first" '$2 == "STARTED" && $3 != first {print $3; exit}' "$watch_file")
+    [ -n "$second" ] || { cat "$watch_file"; fail "job $job did not start on another worker"; }
+    t_redo=$(awk -v second="$second" '$2 == "STARTED" && $3 == second {print $1; exit}' "$watch_file")
     record "job redone on the other worker after '$action', s" "$(since "$t_stop" "$t_redo")"
-    record "job finished after '$action', s" "$(since "$t_stop" "$(awk '$2 == "SUCCESS" {print $1}' "$E2E/watch-$job.txt")")"
+    record "job finished after '$action', s" "$(since "$t_stop" "$(awk '$2 == "SUCCESS" {print $1}' "$watch_file")")"
 }
 interrupt_mid_job "docker stop --time 90"
 compose up -d --no-build --scale worker=2 >/dev/null 2>&1

@@ -1,8 +1,8 @@
 """The client side of scripts/compose_e2e.sh, run inside the stack (`docker-compose run ... worker python`).
 
     python compose_e2e_client.py batch N            # N short jobs at once; prints each path once all finished
-    python compose_e2e_client.py send TEXT          # prints the job id
-    python compose_e2e_client.py watch ID TIMEOUT   # "<epoch> <state> <hostname>" on each change; the path at the end
+    python compose_e2e_client.py send-watch TEXT TIMEOUT  # "job <id>", then "<epoch> <state> <hostname>"
+                                                          # on each change; the path at the end
 
 Uses the image's own client (tasks.client): the broker and its password come from the
 container's settings (REDIS_PASSWORD_FILE), exactly as for `pocket-tts enqueue`.
@@ -51,10 +51,10 @@ def main() -> int:
     command, *args = sys.argv[1:]
     if command == "batch":
         batch(int(args[0]))
-    elif command == "send":
-        print(submit(args[0]).id)
-    elif command == "watch":
-        return watch(args[0], float(args[1]))
+    elif command == "send-watch":
+        job_id = submit(args[0]).id
+        print(f"job {job_id}", flush=True)
+        return watch(job_id, float(args[1]))
     else:
         raise SystemExit(f"unknown command {command!r}")
     return 0
