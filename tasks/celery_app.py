@@ -14,14 +14,25 @@ import gc
 import logging
 import os
 import sys
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
 from tasks import control  # noqa: F401 - registers the health probe and the budget-guarded pool commands
-from tasks.engine import DefaultVoiceError, configure_torch_threads, describe_model, load_engine
+from tasks.engine import (
+    DefaultVoiceError,
+    configure_torch_threads,
+    describe_model,
+    load_engine,
+)
 from tasks.errors import StorageError, one_line
 from tasks.storage import check_storage_root, remove_stale_parts
-from worker_config import OversubscriptionError, Settings, check_thread_budget, current_settings
+from worker_config import (
+    OversubscriptionError,
+    Settings,
+    check_thread_budget,
+    current_settings,
+)
 from worker_config.settings import RESTORE_INTERVAL
 
 logger = logging.getLogger(__name__)
@@ -86,6 +97,9 @@ def celery_config(settings: Settings) -> dict:
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
     }
+    if urlsplit(settings.broker_url).scheme in ("redis", "rediss"):
+        # kombu's Redis transport, with a message moved from its queue to the unacked set in one step.
+        config["broker_transport"] = "tasks.redis_transport:Transport"
     if settings.broker_password_from_file:
         # Celery prefers the CELERY_BROKER_URL variable, which lacks the password, to `broker_url`;
         # it connects with these two.

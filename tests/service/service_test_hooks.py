@@ -5,17 +5,24 @@ pool forks, so every child inherits the wrapper. Texts that start with a marker:
 
 * ``SLOW``: append "<pid> <time>" to ``$SERVICE_TEST_HOOK_DIR/<task id>.starts``,
   sleep ``$SERVICE_TEST_SLOW_SECONDS`` (default 3), then synthesize normally;
-* ``CRASH``: the child SIGKILLs itself, like a job that crashes native code.
+* ``CRASH``: the child SIGKILLs itself, like a job that crashes native code;
+* ``PAUSE``, with ``$SERVICE_TEST_PAUSE_ON_RECEIVE`` set: the process that receives the message
+  from Redis writes its pid to ``$SERVICE_TEST_HOOK_DIR/<task id>.received`` and stops itself
+  (SIGSTOP) before handing the message to its consumer, i.e. after the message left its queue and
+  before kombu's own transport records it as unacked; the test then SIGKILLs it there.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 from celery import current_task
+from kombu.transport import virtual
 
 from tasks import engine
 
@@ -34,3 +41,25 @@ def _misbehaving_synthesize(self, job, *args, **kwargs):
 
 
 engine.Engine.synthesize = _misbehaving_synthesize
+
+
+_deliver = virtual.Transport._deliver
+
+
+def _stopping_deliver(self, message, queue):
+    if os.environ.get("SERVICE_TEST_PAUSE_ON_RECEIVE") and _text_of(message).startswith("PAUSE"):
+        received = Path(os.environ["SERVICE_TEST_HOOK_DIR"]) / f"{message['headers']['id']}.received"
+        received.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return _deliver(self, message, queue)
+
+
+def _text_of(message) -> str:
+    try:
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        return args[0] if args and isinstance(args[0], str) else ""
+    except Exception:  # noqa: BLE001 - not a task of ours
+        return ""
+
+
+virtual.Transport._deliver = _stopping_deliver
