@@ -96,7 +96,7 @@ def test_flow_head(parity_model, parity_tensors):
 def test_lsd_decode(parity_model, parity_tensors):
     flow_lm = parity_model.flow_lm
     cond, noise = parity_tensors["lsd.cond"], parity_tensors["lsd.noise"]
-    one, four = flow_lm.time_conditions(1), flow_lm.time_conditions(4)
+    one, four = flow_lm.head_tables(1), flow_lm.head_tables(4)
     assert max_diff(flow_lm.sample(cond, noise.clone(), one), parity_tensors["lsd.out_steps1"]) < TOL
     assert max_diff(flow_lm.sample(cond, noise.clone(), four), parity_tensors["lsd.out_steps4"]) < TOL
     zero = flow_lm.sample(cond, torch.zeros_like(noise), one)

@@ -8,12 +8,15 @@ replaced by the learnt `bos_emb`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pocket_tts.config import FlowLMConfig
 from pocket_tts.models.onednn import SharedLinear as Linear
+from pocket_tts.models.onednn import shared_linear
 from pocket_tts.models.transformer import LayerState, Transformer
 
 VoiceState = dict[str, LayerState]
@@ -46,40 +49,46 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat((torch.cos(angles), torch.sin(angles)), dim=-1))
 
 
-def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ln: nn.Module | None) -> torch.Tensor:
-    if ln is None:
-        normed = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-    else:
-        normed = F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, eps=1e-6)
-    return normed * (1 + scale) + shift
-
-
 class FlowResBlock(nn.Module):
+    """x + gate * mlp(LN(x) * (1 + scale) + shift), (shift, scale, gate) from the condition
+    through `adaLN_modulation` (see `FlowHead.velocity`, which runs the blocks)."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.in_ln = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(Linear(dim, dim), nn.SiLU(), Linear(dim, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 3 * dim))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(_modulated_norm(x, shift, scale, self.in_ln))
-
 
 class FlowFinalLayer(nn.Module):
+    """linear(LN(x) * (1 + scale) + shift), the norm without affine parameters."""
+
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.linear = Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return self.linear(_modulated_norm(x, shift, scale, None))
-
 
 # Time conditions each sampler head takes: LSD two (start and end of a jump), flow matching
 # one (the Euler step's time), the one-step heads none.
 HEAD_TIME_CONDITIONS = {"lsd": 2, "flow_matching": 1, "drifting": 0, "pointwise": 0}
+# Heads whose modulation weights (every block's and the final layer's) hold at most this many
+# elements run them as one product over a concatenated copy (the 2M-18M heads: one op instead
+# of five per velocity); larger ones (the default's, 21 MB) keep the shared checkpoint pages.
+FUSED_MODULATION = 1 << 20
+
+
+@dataclass
+class HeadTables:
+    """What the head's decode repeats every frame, built once per model (`FlowHead.tables`).
+
+    `modulation`: (weight, bias) products whose outputs, split every `dim` columns, are each
+    block's (shift, 1 + scale, gate) and the final layer's (shift, 1 + scale): the 1 is in
+    the bias. `times`: the time condition of each integration step (none for one-step heads).
+    """
+
+    times: list[torch.Tensor]
+    modulation: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class FlowHead(nn.Module):
@@ -88,6 +97,7 @@ class FlowHead(nn.Module):
     def __init__(self, latent_dim: int, dim: int, cond_dim: int, depth: int, kind: str = "lsd"):
         super().__init__()
         self.kind = kind
+        self.dim = dim
         self.time_embed = nn.ModuleList(TimeEmbedding(dim) for _ in range(HEAD_TIME_CONDITIONS[kind]))
         self.cond_embed = Linear(cond_dim, dim)
         self.input_proj = Linear(latent_dim, dim)
@@ -101,36 +111,51 @@ class FlowHead(nn.Module):
     def forward(self, c: torch.Tensor, *times_and_x: torch.Tensor) -> torch.Tensor:
         *times, x = times_and_x
         y = self.cond_embed(c)
-        return self.velocity(y + self.time_condition(*times) if times else y, x)
+        return self.velocity(y + self.time_condition(*times) if times else y, x, self.tables(0).modulation)
 
-    def velocity(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_proj(x)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
-
-    def time_conditions(self, steps: int) -> list[torch.Tensor]:
-        """The time embedding of each integration step: the same for every frame, so callers keep them.
+    def tables(self, steps: int) -> HeadTables:
+        """The decode's constant tables for `steps` integration steps (ignored by one-step heads).
 
         LSD jumps i/n -> (i+1)/n; flow matching takes Euler steps at times i/n (1 is never
         evaluated); the one-step heads take none.
         """
         if self.kind == "lsd":
-            return [self.time_condition(_time(i / steps), _time((i + 1) / steps)) for i in range(steps)]
-        if self.kind == "flow_matching":
-            return [self.time_condition(_time(i / steps)) for i in range(steps)]
-        return []
+            times = [self.time_condition(_time(i / steps), _time((i + 1) / steps)) for i in range(steps)]
+        elif self.kind == "flow_matching":
+            times = [self.time_condition(_time(i / steps)) for i in range(steps)]
+        else:
+            times = []
+        linears = [block.adaLN_modulation[1] for block in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
+        plus_one = [torch.tensor([0.0, 1.0, 0.0][: lin.out_features // self.dim]).repeat_interleave(self.dim) for lin in linears]
+        modulation = [(lin.weight, lin.bias + one) for lin, one in zip(linears, plus_one)]
+        if sum(lin.weight.numel() for lin in linears) <= FUSED_MODULATION:
+            modulation = [(torch.cat([w for w, _ in modulation]), torch.cat([b for _, b in modulation]))]
+        return HeadTables(times, modulation)
 
-    def sample(self, c: torch.Tensor, noise: torch.Tensor, time_conditions: list[torch.Tensor]) -> torch.Tensor:
+    def velocity(self, y: torch.Tensor, x: torch.Tensor, modulation: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The head's MLP over x [B, latent_dim] under condition y [B, dim]."""
+        act = F.silu(y)
+        mods = [part for weight, bias in modulation for part in shared_linear(act, weight, bias).split(self.dim, dim=-1)]
+        x = self.input_proj(x)
+        for i, block in enumerate(self.res_blocks):
+            shift, scale, gate = mods[3 * i : 3 * i + 3]
+            ln, inner, outer = block.in_ln, block.mlp[0], block.mlp[2]
+            h = torch.addcmul(shift, F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps), scale)
+            h = F.silu(shared_linear(h, inner.weight, inner.bias))
+            x = torch.addcmul(x, gate, shared_linear(h, outer.weight, outer.bias))
+        shift, scale = mods[-2:]
+        return self.final_layer.linear(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), scale))
+
+    def sample(self, c: torch.Tensor, noise: torch.Tensor, tables: HeadTables) -> torch.Tensor:
         """The latent for backbone output c, starting from x0 = noise."""
         cond = self.cond_embed(c)
         if self.kind == "drifting":
-            return self.velocity(cond, noise)
+            return self.velocity(cond, noise, tables.modulation)
         if self.kind == "pointwise":
-            return noise + self.velocity(cond, noise)
-        x, steps = noise, len(time_conditions)
-        for time in time_conditions:
-            x = x + self.velocity(time + cond, x) / steps
+            return noise + self.velocity(cond, noise, tables.modulation)
+        x, steps = noise, len(tables.times)
+        for time in tables.times:
+            x = x + self.velocity(time + cond, x, tables.modulation) / steps
         return x
 
 
@@ -211,7 +236,14 @@ class FlowLM(nn.Module):
 
     def backbone(self, inputs: torch.Tensor, state: VoiceState | None) -> torch.Tensor:
         """Run embeddings [B, T, d] through the transformer, the output norm and `z_proj`."""
+        if state is not None and inputs.shape[1] == 1:  # a generated frame: the lean one-position path
+            return self.backbone_step(inputs[:, 0], state)[:, None]
         out = self.out_norm(self.transformer(inputs, None if state is None else self._layer_states(state)))
+        return out if self.z_proj is None else self.z_proj(out)
+
+    def backbone_step(self, inputs: torch.Tensor, state: VoiceState) -> torch.Tensor:
+        """`backbone` for one new position per row: embeddings [B, d] -> [B, z_dim or d]."""
+        out = self.out_norm(self.transformer.step(inputs, self._layer_states(state)))
         return out if self.z_proj is None else self.z_proj(out)
 
     def prompt(self, embeddings: torch.Tensor, state: VoiceState) -> None:
@@ -221,11 +253,11 @@ class FlowLM(nn.Module):
     def eos_logit(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out_eos(hidden)
 
-    def time_conditions(self, steps: int) -> list[torch.Tensor]:
-        return self.flow_net.time_conditions(steps)
+    def head_tables(self, steps: int) -> HeadTables:
+        return self.flow_net.tables(steps)
 
-    def sample(self, hidden: torch.Tensor, noise: torch.Tensor, time_conditions: list[torch.Tensor]) -> torch.Tensor:
-        return self.flow_net.sample(hidden, noise, time_conditions)
+    def sample(self, hidden: torch.Tensor, noise: torch.Tensor, tables: HeadTables) -> torch.Tensor:
+        return self.flow_net.sample(hidden, noise, tables)
 
     def to_mimi_space(self, latents: torch.Tensor) -> torch.Tensor:
         return latents * self.emb_std + self.emb_mean

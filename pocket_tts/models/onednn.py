@@ -87,9 +87,14 @@ class SharedLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_linear(self.weight):
-            return F.linear(x, self.weight, self.bias)
-        return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return shared_linear(x, self.weight, self.bias)
+
+
+def shared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, on oneDNN for weights above SMALL_LINEAR (read in place, see `SharedLinear`)."""
+    if not _fast_linear(weight):
+        return F.linear(x, weight, bias)
+    return _ops._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def conv1d(packed: PackedWeight, x, weight, bias, stride: int = 1, dilation: int = 1) -> torch.Tensor:

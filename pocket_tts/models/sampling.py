@@ -36,13 +36,13 @@ class Frame:
 
 
 class FrameSampler:
-    """The per-frame step of a loaded model, with its tables (time conditions, fade ramp) built once."""
+    """The per-frame step of a loaded model, with its tables (the head's, fade ramp) built once."""
 
     def __init__(self, flow_lm: FlowLM, sampler_decode_steps: int, noise_clamp: float | None, sample_rate: int):
         self.flow_lm = flow_lm
         self.noise_clamp = noise_clamp
         with torch.inference_mode():
-            self.time_conditions = flow_lm.time_conditions(sampler_decode_steps)
+            self.head_tables = flow_lm.head_tables(sampler_decode_steps)
         self.fade_ramp = torch.linspace(0, 1, int(sample_rate * FADE_IN_SECONDS))
         self.bos = torch.full((1, 1, flow_lm.latent_dim), float("nan"))  # the first step's input
 
@@ -72,9 +72,9 @@ class FrameSampler:
              generators: Generators = None) -> Frame:  # fmt: skip
         """One frame for B streams from their last latents [B, 1, latent_dim] (NaN: none yet)."""
         flow_lm = self.flow_lm
-        hidden = flow_lm.backbone(flow_lm.embed_latents(inputs), state)[:, -1]
+        hidden = flow_lm.backbone_step(flow_lm.embed_latents(inputs[:, 0]), state)
         eos_logits = flow_lm.eos_logit(hidden)[:, 0]
-        latents = flow_lm.sample(hidden, self.noise(temps, generators), self.time_conditions)
+        latents = flow_lm.sample(hidden, self.noise(temps, generators), self.head_tables)
         return Frame(latents, (eos_logits > eos_threshold).tolist(), eos_logits, hidden)
 
     def fade_in(self, audio: torch.Tensor) -> torch.Tensor:

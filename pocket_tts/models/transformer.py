@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocket_tts.models.onednn import SMALL_LINEAR
+
 LayerState = dict[str, torch.Tensor]
 
 
@@ -114,6 +116,24 @@ class Attention(nn.Module):
             q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def step(self, x: torch.Tensor, state: LayerState, frame: dict) -> torch.Tensor:
+        """One new position per row: normed input x [B, d_model] -> attention output [B, attn_dim],
+        its key and value written to the linear cache. `frame` is `Transformer._frame_tables`."""
+        b = x.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        projected = self.in_proj(x)
+        rotated = (heads + kv_heads) * head_dim
+        qk = torch.view_as_complex(projected[:, :rotated].view(b, heads + kv_heads, head_dim // 2, 2))
+        qk = torch.view_as_real(qk * frame["rotation"]).view(b, heads + kv_heads, head_dim)
+        cache, at, end = state["cache"], frame["at"], frame["end"]
+        cache[(0, *at)] = qk[:, heads:]
+        cache[(1, *at)] = projected[:, rotated:].view(b, kv_heads, head_dim)
+        keys, values = cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2)  # [B, KV, T, D] views
+        scores = torch.matmul(qk[:, :heads].view(b, kv_heads, heads // kv_heads, head_dim), keys.transpose(2, 3))
+        if frame["hidden"] is not None:
+            scores.masked_fill_(frame["hidden"], -math.inf)
+        return torch.matmul(torch.softmax(scores, dim=-1), values).view(b, heads * head_dim)
 
     def _position_tables(self, state: LayerState | None, b: int, t: int, dtype: torch.dtype) -> dict:
         if state is None:
@@ -260,6 +280,21 @@ class TransformerLayer(nn.Module):
         hidden = F.gelu(self.linear1(self.norm2(x)), approximate="tanh")
         return x + self.layer_scale_2(self.linear2(hidden))
 
+    def step(self, x: torch.Tensor, state: LayerState, frame: dict) -> torch.Tensor:
+        """`forward` for one position per row, x [B, d_model] (see `Transformer.step`)."""
+        x = _add_projection(x, self.self_attn.out_proj, self.self_attn.step(self.norm1(x), state, frame), self.layer_scale_1)
+        hidden = F.gelu(self.linear1(self.norm2(x)), approximate="tanh")
+        return _add_projection(x, self.linear2, hidden, self.layer_scale_2)
+
+
+def _add_projection(x: torch.Tensor, linear: nn.Module, h: torch.Tensor, scale: nn.Module) -> torch.Tensor:
+    """x + scale(linear(h)) for 2-D h; a small bias-free float32 weight without a scale is one addmm."""
+    weight = getattr(linear, "weight", None)
+    if isinstance(scale, nn.Identity) and weight is not None and weight.dtype == h.dtype and weight.numel() <= SMALL_LINEAR:
+        return torch.addmm(x, h, weight.t())
+    out = linear(h)
+    return x + out if isinstance(scale, nn.Identity) else torch.addcmul(x, scale.scale, out)
+
 
 class Transformer(nn.Module):
     """A stack of pre-norm layers. `states` holds one dict per layer, or is None (no cache).
@@ -294,6 +329,60 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if states is None else states[i], tables)
         if states is not None:
-            for state in states:
-                state["offset"] += x.shape[1]
+            torch._foreach_add_([state["offset"] for state in states], x.shape[1])
         return x
+
+    def step(self, x: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+        """`forward` for one new position per row with linear (FlowLM) caches: x [B, d_model].
+
+        A small model's frame was ~300 tensor ops at 5-15 us each, nearly all its cost, so this
+        path keeps each layer to about a dozen: 2-D activations (no reshapes), RoPE as one
+        complex product whose table is built once per frame from one grown per model (with the
+        queries' 1/sqrt(head_dim) in it), a small projection and its residual as one addmm,
+        and the query's attention as two products and a softmax over each head's cached keys.
+        """
+        frame = self._frame_tables(states[0], states[0]["pad"], x.shape[0])
+        for layer, state in zip(self.layers, states):
+            x = layer.step(x, state, frame)
+        torch._foreach_add_([state["offset"] for state in states], 1)
+        return x
+
+    def _frame_tables(self, state: LayerState, pad: torch.Tensor, b: int) -> dict:
+        """What every layer of a step shares: cache index, span, rotations, hidden keys."""
+        offsets = state["offset"]
+        positions = offsets.tolist()
+        first, last = min(positions), max(positions)
+        end = last + 1
+        if end > state["cache"].shape[2]:
+            raise RuntimeError(f"KV cache holds {state['cache'].shape[2]} positions, {end} needed")
+        query_rotations, key_rotations = self._rotations(end)
+        attn = self.layers[0].self_attn
+        if first == last:
+            at, index = (slice(None), first), slice(first, first + 1)  # every row's cache at one position
+        else:
+            at, index = (torch.arange(b), offsets), offsets
+        rotation = torch.cat(
+            (query_rotations[index, None].expand(-1, attn.num_heads, -1), key_rotations[index, None].expand(-1, attn.num_kv_heads, -1)),
+            dim=1,
+        )  # fmt: skip
+        hidden = None
+        if first != last or bool(pad.any()):  # keys past a row's own position, or before its start
+            key_positions = torch.arange(end)
+            hidden = (key_positions > offsets[:, None]) | (key_positions < pad[:, None])
+            hidden = hidden[:, None, None]  # [B, 1, 1, T]: every head and query of the row
+        return {"at": at, "end": end, "rotation": rotation, "hidden": hidden}
+
+    def _rotations(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE as complex factors [N >= length, head_dim / 2] for positions 0..N-1, queries' scaled
+        by 1/sqrt(head_dim); grown by doubling, so built a handful of times per process. The
+        angles are `rope_tables`' to the bit (the same float32 products)."""
+        table = self.__dict__.get("_rotation_table")
+        if table is None or table[0].shape[0] < length:
+            attn = self.layers[0].self_attn
+            size = max(1024, 1 << (length - 1).bit_length())
+            cos, sin = rope_tables(torch.arange(size)[:, None], attn.head_dim, attn.max_period)
+            cos, sin = cos[:, 0, 0, 0::2], sin[:, 0, 0, 1::2]
+            scale = attn.head_dim**-0.5
+            table = (torch.complex(cos * scale, sin * scale), torch.complex(cos, sin))
+            self.__dict__["_rotation_table"] = table
+        return table
