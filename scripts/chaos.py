@@ -24,6 +24,11 @@ recovery bound of the settings plus a margin, and prints:
   .part left  temporary files left in the storage folder after the run
 
 and, per main-process kill, how long its running jobs took to start again.
+
+With --outage SECONDS it runs one scenario instead of the storm: --jobs jobs are
+sent at once, Redis is SIGKILLed while the first ones run and restarted SECONDS
+later, and a client waits on every job in turn through the outage with
+tasks.client.wait_for (its outcomes are printed as client_waits).
 Worker settings are the defaults (visibility timeout = longest hard limit + 60 s),
 so that the recovery measured is the one a default deployment gets.
 """
@@ -37,11 +42,13 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+from tasks.client import wait_for
 from tasks.local_stack import Worker, client_app, group_pids, redis_server, start_worker, worker_env
 from worker_config import load_settings
 
@@ -60,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fault-every", type=float, default=20.0, help="seconds between faults (on average)")
     parser.add_argument("--faults", default="child,worker,redis", help="the kinds of fault to draw from")
     parser.add_argument("--redis-down", type=float, default=5.0, help="longest Redis outage, seconds (at least 1)")
+    parser.add_argument("--outage", type=float, help="one Redis outage of this many seconds instead of the storm")
+    parser.add_argument("--jobs", type=int, default=50, help="jobs sent before the --outage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the counts here")
     parser.add_argument("--keep", type=Path, help="keep the worker logs, attempt records and audio in this folder")
@@ -190,6 +199,34 @@ def fault(stack: Stack, args, rng: random.Random) -> dict:
     return event
 
 
+def outage(stack: Stack, args, rng: random.Random) -> tuple[list[str], list[dict], Counter]:
+    """Send args.jobs jobs, SIGKILL Redis while they run and restart it args.outage s later; a client
+    waits on each job in turn meanwhile. The ids sent, the fault, and the client's outcomes."""
+    results = [stack.app.send_task("pocket_tts.synthesize", args=(random_text(rng),)) for _ in range(args.jobs)]
+    waits = Counter()
+
+    def wait_on_each() -> None:
+        for result in results:
+            try:
+                wait_for(result, timeout=stack.settings.recovery_bound + args.outage + 120)
+                waits["file"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted by kind
+                waits[type(exc).__name__] += 1
+
+    client = threading.Thread(target=wait_on_each)
+    client.start()
+    every_process = {pid for worker in stack.workers.values() for pid in group_pids(worker.pid)}
+    while not (running := running_jobs(stack.attempts, every_process)):
+        time.sleep(0.1)
+    event = {"kind": "redis", "worker": "-", "at": time.time(), "jobs": sorted(running)}
+    stack.redis.kill()
+    print(f"  {time.strftime('%H:%M:%S')} Redis killed for {args.outage:g} s ({len(running)} running)", flush=True)
+    time.sleep(args.outage)
+    stack.redis.start()
+    client.join()
+    return [result.id for result in results], [event], waits
+
+
 def outcomes(app, task_ids: list[str], deadline: float) -> dict[str, object]:
     """Final results by id, polled until all have ended or `deadline` (monotonic) passes."""
     ended: dict[str, object] = {}
@@ -283,10 +320,15 @@ def main(argv=None) -> int:
             worker.wait_ready(stack.app)
         print(f"chaos: {args.mode}, {args.minutes:g} min, {args.rate:g} job/s, a fault every ~{args.fault_every:g} s; "
               f"recovery bound {stack.settings.recovery_bound} s", flush=True)  # fmt: skip
-        sent, kills = storm(stack, args, rng)
+        if args.outage:
+            sent, kills, waits = outage(stack, args, rng)
+        else:
+            sent, kills = storm(stack, args, rng)
         print(f"storm over: {len(sent)} sent; waiting for every job to end", flush=True)
         ended = outcomes(stack.app, sent, time.monotonic() + stack.settings.recovery_bound + 120)
         counts = report(stack, args, sent, kills, ended, time.monotonic() - started)
+        if args.outage:
+            counts["client_waits"] = dict(waits)
     for key, value in counts.items():
         print(f"{key:>32}: {value}")
     if args.json:

@@ -1,4 +1,4 @@
-"""kombu's Redis transport without its message-loss window: a message leaves its queue and enters the unacked set in one step.
+"""kombu's Redis transport without its loss window: a message leaves its queue and becomes unacked in one step.
 
 kombu's consumer takes a message with BRPOP and only afterwards records it as unacked (QoS.append:
 ZADD unacked_index + HSET unacked, a second round trip). Between the two the message exists only in
@@ -55,6 +55,27 @@ return false
 
 
 class QoS(redis.QoS):
+    def ack(self, delivery_tag):
+        self._check_reachable()
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        self._check_reachable()
+        super().reject(delivery_tag, requeue)
+
+    def _check_reachable(self):
+        """A job that ends after a Redis restart acks through the channel of the lost connection.
+
+        When kombu has dropped both that channel's pool and its connection parameters, the ack raised
+        AttributeError in the worker's event loop: "Unrecoverable error", the worker gone (7 batching
+        workers in one 10-minute fault storm). As a connection error Celery logs it ("Couldn't ack");
+        the message stays unacked and comes back after the visibility timeout, and that attempt
+        returns the stored file.
+        """
+        channel = self.channel
+        if channel._pool is None and getattr(channel.connection, "client", None) is None:
+            raise redis.get_redis_ConnectionError()("the connection this message came on is closed (Redis restarted?)")
+
     def append(self, message, delivery_tag):
         claimed = self.channel.claimed_tags
         if delivery_tag in claimed:  # CLAIM registered it in Redis already

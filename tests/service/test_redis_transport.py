@@ -116,3 +116,21 @@ def test_an_unreadable_message_is_dropped_with_one_line(url, caplog):
     assert received == ["declared"]
     assert (store.llen("jobs"), store.hlen("unacked"), store.zcard("unacked_index")) == (0, 0, 0)
     assert "dropped an unreadable message (9 bytes) from queue 'jobs'" in caplog.text
+
+
+def test_an_ack_on_the_channel_of_a_lost_connection_is_a_connection_error(url):
+    # As a worker's consumer leaves the channel after a Redis restart: connection collected, pool dropped.
+    # kombu's transport raised AttributeError here, which killed batching workers ("Unrecoverable error").
+    jobs = job_queue("jobs")
+    publish(url, jobs, "finished after a Redis restart")
+    received = []
+    connection = Connection(url, transport=Transport)
+    with Consumer(connection, [jobs], callbacks=[lambda body, message: received.append(message)]):
+        drain(connection, received, 1)
+    connection.collect()
+    received[0].channel._disconnect_pools()
+
+    with pytest.raises(redis.ConnectionError, match="the connection this message came on is closed"):
+        received[0].ack()
+    store = redis.Redis.from_url(url)
+    assert store.llen("jobs") + store.hlen("unacked") == 1  # handed back, now or after the visibility timeout
