@@ -109,6 +109,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=bench.positive_int, help="POCKET_TTS_MAX_BATCH (default 16; 4 with --quick)")
     parser.add_argument("--jobs", type=bench.positive_int, help="jobs per split (default 48; 4 with --quick)")
     parser.add_argument("--precision", default="float32", help="comma-separated: float32, bfloat16, int8")
+    parser.add_argument(
+        "--decoder-precision", default="float32", help="POCKET_TTS_DECODER_PRECISION of every split: float32, bfloat16"
+    )
     parser.add_argument("--modes", default="prefork,batching", help="comma-separated: prefork, batching")
     parser.add_argument("--temperature", type=float, default=0.3)
     parser.add_argument(
@@ -191,6 +194,7 @@ class Fleet:
             **self.env,
             "POCKET_TTS_NUM_THREADS": str(split.threads),
             "POCKET_TTS_PRECISION": split.precision,
+            "POCKET_TTS_DECODER_PRECISION": self.args.decoder_precision,
             "POCKET_TTS_STORAGE_DIR": str(storage),
         }
         bench.log(f"[{split.label}] starting workers ...")
@@ -332,6 +336,7 @@ def measure(args, workdir: Path) -> dict:
         "model": described,
         "cores": args.cores,
         "batch": args.batch,
+        "decoder_precision": args.decoder_precision,
         "jobs": args.jobs,
         "texts": fleet.texts,
         "temperature": args.temperature,
@@ -344,7 +349,8 @@ def print_table(report: dict) -> None:
     print(f"machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs; model: {report['model']}")
     print(
         f"{report['jobs']} jobs per split enqueued at once, temperature {report['temperature']}, "
-        f"batching rows per process {report['batch']}, core budget {report['cores']}"
+        f"batching rows per process {report['batch']}, core budget {report['cores']}, "
+        f"Mimi decoder in {report['decoder_precision']}"
     )
     headers = [
         "split",
