@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from pocket_tts.catalog import CUSTOM_MODEL_DEFAULT_VOICE, check_language, default_voice
+from pocket_tts.precision_env import DECODER_PRECISIONS
 from pocket_tts.threads import THREADS_ENV
 
 DEFAULT_OUTPUT = "./tts_output.wav"
@@ -153,6 +154,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     precision.add_argument("--quantize", action="store_true", help="int8 backbone weights (same as --precision int8)")
     parser.add_argument(
+        "--decoder-precision",
+        choices=DECODER_PRECISIONS,
+        help="Mimi decoder format (default: POCKET_TTS_DECODER_PRECISION, else float32)",
+    )
+    parser.add_argument(
         "--threads",
         type=_positive_int,
         help=f"torch intra-op threads for this process (sets {THREADS_ENV}; default 1)",
@@ -193,7 +199,7 @@ def _load_model(args: argparse.Namespace, **settings):
 
     return TTSModel.load_model(
         language=args.language, config=args.config, weights=args.weights, checkpoint=args.checkpoint,
-        precision=args.precision, quantize=args.quantize, **settings,
+        precision=args.precision, quantize=args.quantize, decoder_precision=args.decoder_precision, **settings,
     )  # fmt: skip
 
 

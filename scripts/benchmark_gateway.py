@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=bench.positive_int, default=5, help="rounds (5)")
     parser.add_argument("--threads", type=bench.positive_int, default=1, help="torch threads of the worker (1)")
     parser.add_argument("--precision", default="float32", help="POCKET_TTS_PRECISION of both sides (float32)")
+    parser.add_argument(
+        "--decoder-precision", default="float32", help="POCKET_TTS_DECODER_PRECISION of both sides (float32)"
+    )
     parser.add_argument("--text", default=TEXT)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="the random checkpoint's folder")
     parser.add_argument("--quick", action="store_true", help="the small --parity-dir checkpoint, 2 rounds: a smoke test")
@@ -71,6 +74,7 @@ def checkpoint_settings(args: argparse.Namespace) -> dict[str, str]:
         "POCKET_TTS_VOICES_DIR": str(voices),
         "POCKET_TTS_DEFAULT_VOICE": voice,
         "POCKET_TTS_PRECISION": args.precision,
+        "POCKET_TTS_DECODER_PRECISION": args.decoder_precision,
     }
 
 
@@ -82,7 +86,8 @@ def in_process_first_chunk(settings: dict[str, str], text: str, threads: int):
 
     torch.set_num_threads(threads)
     model = TTSModel.load_model(
-        config=settings["POCKET_TTS_CONFIG"], weights=settings["POCKET_TTS_WEIGHTS"] or None, precision=settings["POCKET_TTS_PRECISION"]
+        config=settings["POCKET_TTS_CONFIG"], weights=settings["POCKET_TTS_WEIGHTS"] or None, precision=settings["POCKET_TTS_PRECISION"],
+        decoder_precision=settings["POCKET_TTS_DECODER_PRECISION"],
     )
     voice = model.get_state_for_audio_prompt(str(Path(settings["POCKET_TTS_VOICES_DIR"]) / settings["POCKET_TTS_DEFAULT_VOICE"]))
     model.generate_audio(voice, "Warm up.")

@@ -1,6 +1,6 @@
-"""How far reduced-precision backbones drift from float32, on the parity fixtures.
+"""How far reduced precision (backbone, Mimi decoder) drifts from float32, on the parity fixtures.
 
-For each precision, regenerates the temperature-0 parity utterances and prints
+For each backbone / decoder precision pair, regenerates the temperature-0 parity utterances and prints
 the max abs difference of the audio against float32 and against Kyutai's stored
 audio, and a log-spectral distance (dB, mean over STFT bins) against float32.
 
@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 
 from pocket_tts.models.tts_model import TTSModel
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+# (backbone, Mimi decoder): `precision=` and `decoder_precision=` of load_model.
+PRECISIONS = (
+    ("float32", "float32"), ("bfloat16", "float32"), ("int8", "float32"), ("float32", "bfloat16"), ("int8", "bfloat16"),
+)  # fmt: skip
 
 
 def log_spectral_distance(a: torch.Tensor, b: torch.Tensor, n_fft: int = 1024) -> float:
@@ -41,18 +44,18 @@ def main() -> None:
     cases = json.loads((args.parity_dir / "cases.json").read_text())
     stored = load_file(str(args.parity_dir / "cases.safetensors"))
 
-    outputs: dict[str, list[torch.Tensor]] = {}
-    for precision in PRECISIONS:
+    outputs: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for precision, decoder in PRECISIONS:
         model = TTSModel.load_model(config=args.parity_dir / "config.yaml", weights=args.parity_dir / "model.safetensors",
-                                    temp=0.0, eos_threshold=1e9, precision=precision)  # fmt: skip
+                                    temp=0.0, eos_threshold=1e9, precision=precision, decoder_precision=decoder)  # fmt: skip
         voice = model.get_state_for_audio_prompt(args.parity_dir / "voice_24k.wav")
-        outputs[precision] = [model.generate_audio(voice, c["text"], max_tokens=c["max_tokens"]) for c in cases["e2e"]]
+        outputs[precision, decoder] = [model.generate_audio(voice, c["text"], max_tokens=c["max_tokens"]) for c in cases["e2e"]]
 
-    print(f"{'precision':<10} {'case':<5} {'max|Δ| vs fp32':>15} {'max|Δ| vs Kyutai':>17} {'LSD vs fp32 (dB)':>17}")
-    for precision in PRECISIONS:
-        for i, audio in enumerate(outputs[precision]):
-            fp32 = outputs["float32"][i]
-            print(f"{precision:<10} {i:<5} {(audio - fp32).abs().max().item():>15.2e} "
+    print(f"{'backbone/decoder':<18} {'case':<5} {'max|Δ| vs fp32':>15} {'max|Δ| vs Kyutai':>17} {'LSD vs fp32 (dB)':>17}")
+    for pair in PRECISIONS:
+        for i, audio in enumerate(outputs[pair]):
+            fp32 = outputs["float32", "float32"][i]
+            print(f"{'/'.join(pair):<18} {i:<5} {(audio - fp32).abs().max().item():>15.2e} "
                   f"{(audio - stored[f'e2e.{i}.audio']).abs().max().item():>17.2e} "
                   f"{log_spectral_distance(audio, fp32):>17.3f}")  # fmt: skip
 
