@@ -22,6 +22,7 @@ recovery bound of the settings plus a margin, and prints:
   re-run      jobs with more than one attempt (after a kill: expected, and harmless)
   overwritten finished files that changed after their job reported them
   .part left  temporary files left in the storage folder after the run
+  died        workers that stopped on an error of their own ("Unrecoverable error")
 
 and, per main-process kill, how long its running jobs took to start again.
 
@@ -296,6 +297,7 @@ def report(stack: Stack, args, sent: list[str], kills: list[dict], ended: dict, 
         "re_run": sum(1 for n in starts.values() if n > 1),
         "overwritten": overwritten,
         "part_files_left": len(list(stack.storage.rglob("*.part"))),
+        "workers_died_by_themselves": sum("Unrecoverable error" in log.read_text() for log in stack.logs.glob("*.log")),
         "faults": dict(Counter(event["kind"] for event in kills)),
         "worker_kills_with_running_jobs": sum(1 for e in kills if e["kind"] == "worker" and e["jobs"]),
         "recovery_s_after_worker_kill": sorted(round(r, 1) for r in recoveries),
@@ -318,8 +320,9 @@ def main(argv=None) -> int:
         stack = Stack(stack_context, args, root)
         for worker in stack.workers.values():
             worker.wait_ready(stack.app)
-        print(f"chaos: {args.mode}, {args.minutes:g} min, {args.rate:g} job/s, a fault every ~{args.fault_every:g} s; "
-              f"recovery bound {stack.settings.recovery_bound} s", flush=True)  # fmt: skip
+        plan = (f"{args.jobs} jobs, one {args.outage:g} s Redis outage" if args.outage else
+                f"{args.minutes:g} min, {args.rate:g} job/s, a fault every ~{args.fault_every:g} s")  # fmt: skip
+        print(f"chaos: {args.mode}, {plan}; recovery bound {stack.settings.recovery_bound} s", flush=True)
         if args.outage:
             sent, kills, waits = outage(stack, args, rng)
         else:

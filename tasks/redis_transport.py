@@ -31,6 +31,7 @@ from time import monotonic, time
 from kombu.transport import redis, virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.exceptions import OutOfMemoryError
 
 # KEYS: the queue lists in BRPOP order, then the unacked hash and its index (sorted by claim time).
 # ARGV: the delivery tag, the claim time, then per list the end of the unacked entry ('' for a no-ack
@@ -90,6 +91,12 @@ class Channel(redis.Channel):
 
     _claim_next = True  # False after an empty claim: the next command waits
     _wake_key = None
+    # Redis over maxmemory (noeviction, as compose runs it) refuses BLMOVE, a write, but runs CLAIM
+    # (measured, Redis 7.0). Then an idle consumer sleeps on a list nobody fills (BRPOP, allowed)
+    # and claims every brpop_timeout (1 s). kombu's own transport lost every message it took there:
+    # BRPOP popped it and the unacked HSET was refused.
+    _wait_refused = False
+    SLEEP_KEY = "_pocket_tts.nothing"
 
     def __init__(self, *args, **kwargs):
         self.claimed_tags: set[str] = set()  # delivered by CLAIM, not yet seen by QoS.append
@@ -114,6 +121,9 @@ class Channel(redis.Channel):
             unacked = [self.global_keyprefix + self.unacked_key, self.global_keyprefix + self.unacked_index_key]
             command = ["EVAL", CLAIM, len(keys) + 2, *prefixed, *unacked, tag, repr(time()), *entry_ends]
             self._claim = tag, keys
+        elif self._wait_refused:
+            command = ["BRPOP", self.global_keyprefix + self.SLEEP_KEY, timeout or 1]
+            self._claim = None
         else:
             wake = self.global_keyprefix + (self._wake_key if self._wake_key in keys else keys[0])
             command = ["BLMOVE", wake, wake, "RIGHT", "RIGHT", timeout or 0]
@@ -136,7 +146,14 @@ class Channel(redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next poll reconnects
                 raise
+            except OutOfMemoryError as exc:
+                if claim is not None:
+                    raise
+                redis.logger.warning("Redis is full (%s): waiting for jobs by polling every second", exc)
+                self._wait_refused, reply = True, None
             self._claim_next = claim is None or bool(reply)  # after a wake, or a message: claim again
+            if reply and claim is not None:
+                self._wait_refused = False  # try BLMOVE again at the next wait
             if claim is None or not reply:
                 raise Empty()
             tag, keys = claim
