@@ -38,7 +38,11 @@ MAX_TOKENS_PER_CHUNK = 50
 TOKENS_PER_SECOND = 3.0  # speaking-rate estimate that bounds the length of a chunk
 EXTRA_SECONDS = 2.0
 MAX_PROMPT_SECONDS = 30.0
-STREAM_DECODE_FRAMES = 4  # latents per Mimi call after the first frame of a chunk
+# Latents per Mimi call after the first frame of a chunk. Much of a call's cost does not grow with
+# its length (small matmuls and convolutions run far below peak): 2M decoding took 2.4-2.7 ms
+# per frame in groups of 4, 1.9-2.0 in groups of 8, 2.3 in groups of 16 (L2 spills); 7M 4.5-4.7 ->
+# 4.0 (1 thread, 2026-12-01). Streaming pieces after the first are 640 ms of audio.
+STREAM_DECODE_FRAMES = 8
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 

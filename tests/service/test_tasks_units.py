@@ -385,7 +385,7 @@ def test_a_redelivered_jobs_replayed_audio_is_relayed_once():
 
     audio = np.arange(20 * 1920, dtype="<i2")
     # Attempt 1 (a batching worker, a piece per 80 ms frame) dies after 7 frames; attempt 2 (a
-    # prefork worker, 4 frames per piece) replays from the start: its pieces straddle the cut.
+    # prefork worker, several frames per piece) replays from the start: its pieces straddle the cut.
     entries = _audio_entries(audio[: 7 * 1920], 1920, attempt=1) + _audio_entries(audio, 4 * 1920, attempt=2)
     relay = Relay()
     relayed = b"".join(relay.new_audio(entry) for entry in entries)
