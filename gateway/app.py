@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ MODEL_ID = "pocket-tts"
 OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 URL_PREFIXES = ("http://", "https://", "hf://")
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+logger = logging.getLogger("uvicorn.error")  # the server's log, in its format
 
 
 class ApiError(Exception):
@@ -51,7 +53,26 @@ class ApiError(Exception):
 
 
 class StreamBroken(Exception):
-    """The job failed after its audio started: the response is cut short."""
+    """The job failed after its audio started (its message is safe to show a client)."""
+
+
+class RelayedAudio(StreamingResponse):
+    """A job's audio, relayed as it is generated.
+
+    Once the audio has started the status cannot change: when the job then fails, the connection
+    is closed before the body's last chunk, so that clients see an incomplete response rather than
+    a complete, shorter file, and one line is logged (uvicorn adds its own line, no traceback).
+    """
+
+    def __init__(self, job_id: str, content: AsyncIterator[bytes], **kwargs):
+        super().__init__(content, **kwargs)
+        self.job_id = job_id
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        except StreamBroken as exc:
+            logger.warning("job %s: audio stream cut: %s", self.job_id, exc)
 
 
 class SpeechRequest(BaseModel):
@@ -204,7 +225,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         async for piece in pieces:
             yield piece
 
-    async def sse_body(rate: int, pieces: AsyncIterator[bytes], wav: bool):
+    async def sse_body(task_id: str, rate: int, pieces: AsyncIterator[bytes], wav: bool):
         """OpenAI's speech events: base64 audio deltas, then `speech.audio.done`."""
 
         def event(payload: dict) -> bytes:
@@ -212,8 +233,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         if wav:
             yield event({"type": "speech.audio.delta", "audio": base64.b64encode(audio.streaming_wav_header(rate)).decode()})
-        async for piece in pieces:
-            yield event({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
+        try:
+            async for piece in pieces:
+                yield event({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()})
+        except StreamBroken as exc:  # events can say it: the stream ends cleanly with an error event
+            logger.warning("job %s: audio stream cut: %s", task_id, exc)
+            yield event({"type": "error", "error": {"message": str(exc)}})
+            return
         yield event({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
 
     async def encoded_body(rate: int, pieces: AsyncIterator[bytes], response_format: str):
@@ -254,7 +280,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if voice_wav is not None:
             voice = await stored_voice(voice_wav)
         task_id, rate, pieces = await start_streaming_job(text, voice)
-        return StreamingResponse(
+        return RelayedAudio(
+            task_id,
             owned_by_client(task_id, wav_body(rate, pieces)),
             media_type="audio/wav",
             headers={"Content-Disposition": "attachment; filename=generated_speech.wav", "X-Job-Id": task_id},
@@ -276,14 +303,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         task_id, rate, pieces = await start_streaming_job(body.input, voice)
         media_type = audio.FORMATS[body.response_format][0]
         if body.stream_format == "sse":
-            content, media_type = sse_body(rate, pieces, wav=body.response_format == "wav"), "text/event-stream"
+            content, media_type = sse_body(task_id, rate, pieces, wav=body.response_format == "wav"), "text/event-stream"
         elif body.response_format == "wav":
             content = wav_body(rate, pieces)
         elif body.response_format == "pcm":
             content = pieces
         else:
             content = encoded_body(rate, pieces, body.response_format)
-        return StreamingResponse(owned_by_client(task_id, content), media_type=media_type, headers={"X-Job-Id": task_id})
+        return RelayedAudio(task_id, owned_by_client(task_id, content), media_type=media_type, headers={"X-Job-Id": task_id})
 
     @app.get("/v1/models", dependencies=keyed)
     async def models():
@@ -376,7 +403,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ApiError(409, f"job {job_id} has no audio: it failed")
         if b"end" in first:  # finished between the two reads
             return stored_file(str((await queue().state(job_id))[1]))
-        return StreamingResponse(wav_body(int(first[b"rate"]), _pcm_pieces(first, entries)), media_type="audio/wav")
+        return RelayedAudio(job_id, wav_body(int(first[b"rate"]), _pcm_pieces(first, entries)), media_type="audio/wav")
 
     def stored_file(result: str) -> Response:
         storage = service.storage_dir.resolve()
@@ -403,7 +430,7 @@ async def _pcm_pieces(first: dict, entries: AsyncIterator[dict]) -> AsyncIterato
         elif b"end" in entry:
             return
         else:
-            raise StreamBroken(entry.get(b"reason", b"").decode())
+            raise StreamBroken(job_failure(entry[b"error"].decode(), entry[b"reason"].decode()).reason)
         entry = await anext(entries)
 
 

@@ -4,13 +4,15 @@ A `synthesize` job sent with `stream=True` appends its audio to the stream
 `pocket_tts:audio:<task id>` as the engine produces it, then one closing entry;
 the gateway reads the stream and relays it to its HTTP client. A job redelivered after its
 worker died runs again from its start and publishes its audio again into the same stream,
-under the next attempt number: a reader skips the samples it already has (`new_audio`) when
-the job is seeded, and must stop otherwise (that audio would not continue what it has). Entries:
+under the next attempt number: a reader skips the samples it already has (`Relay`). A
+redelivered job whose file is stored already (its worker died between storing and the
+acknowledgement) publishes the stored file's audio instead (`publish_stored`), then its end:
+a reader that missed the tail gets it. Entries:
 
 * audio: ``pcm`` (16-bit little-endian mono samples), ``rate``, ``samples`` (total so far, this
   piece included), ``attempt`` (the job's delivery count), ``seeded`` (1: a seeded job, whose
-  every attempt makes the same audio);
-* end: ``end`` (the audio file is stored), ``samples``;
+  every attempt makes the same audio) or ``stored`` (1: read from the stored file);
+* end: ``end`` (the audio file is stored);
 * error: ``error`` (the exception's class name), ``reason`` (its one-line message).
 
 The stream is capped (`MAX_ENTRIES`) and expires `STREAM_TTL_SECONDS` after its
@@ -31,6 +33,7 @@ CANCEL_KEY = "pocket_tts:cancel:{}"
 # Prefork jobs publish a piece per 4 frames (320 ms), batching jobs per frame (80 ms): 8192
 # entries hold 11 to 43 minutes of audio, far more than the longest text allowed.
 MAX_ENTRIES = 8192
+STORED_PIECE_SAMPLES = 24000  # a stored file is published in pieces of 1 s at 24 kHz (48 kB entries)
 STREAM_TTL_SECONDS = 600
 CANCELLED_REASON = "cancelled: the client went away"
 
@@ -89,12 +92,31 @@ class AudioPublisher:
         raise Ignore(CANCELLED_REASON)
 
 
+def publish_stored(task_id: str, path, attempt: int) -> None:
+    """Publish a stored audio file into the job's stream, in pieces at their sample offsets."""
+    import soundfile as sf
+
+    samples, rate = sf.read(str(path), dtype="<i2")
+    fields = {"rate": rate, "attempt": attempt, "stored": 1}
+    _publish(task_id, *(
+        {"pcm": samples[start:end].tobytes(), "samples": end, **fields}
+        for start in range(0, len(samples), STORED_PIECE_SAMPLES)
+        if (end := min(start + STORED_PIECE_SAMPLES, len(samples)))
+    ))  # fmt: skip
+
+
 class AttemptChanged(Exception):
     """An unseeded job restarted after part of its audio was relayed: the rest would not fit."""
 
 
 class Relay:
-    """What a reader of one job's stream has relayed: turns audio entries into the new samples only."""
+    """What a reader of one job's stream has relayed: turns audio entries into the new samples only.
+
+    Entries of another attempt continue what was relayed, cut at the sample offset, when that
+    attempt makes the same audio: a seeded job's, or the stored file's (the audio of the attempt
+    that stored it, whose pieces came before in the stream; exact whatever the seed). An unseeded
+    job's new attempt after audio was relayed raises AttemptChanged.
+    """
 
     def __init__(self):
         self.samples = 0  # relayed so far
@@ -104,7 +126,7 @@ class Relay:
         """The part of an audio entry's PCM not relayed yet (b"" for a replayed piece)."""
         attempt = entry.get(b"attempt")
         if attempt != self.attempt:
-            if self.samples and entry.get(b"seeded") != b"1":
+            if self.samples and b"1" not in (entry.get(b"seeded"), entry.get(b"stored")):
                 raise AttemptChanged(
                     "the job's worker stopped and the job restarted elsewhere; without a seed its audio "
                     "would not continue what was sent: request it again"
@@ -129,8 +151,9 @@ def publish_error(task_id: str, exc: BaseException) -> None:
     _publish(task_id, {"error": type(exc).__name__, "reason": reason})
 
 
-def _publish(task_id: str, entry: dict) -> None:
+def _publish(task_id: str, *entries: dict) -> None:
     pipe = _client().pipeline(transaction=False)
-    pipe.xadd(audio_key(task_id), entry, maxlen=MAX_ENTRIES)
+    for entry in entries:
+        pipe.xadd(audio_key(task_id), entry, maxlen=MAX_ENTRIES)
     pipe.expire(audio_key(task_id), STREAM_TTL_SECONDS)
     pipe.execute()

@@ -25,3 +25,8 @@ def record_delivery(backend, task_id: str, max_deliveries: int, ttl_seconds: int
             f"(POCKET_TTS_MAX_DELIVERIES={max_deliveries})"
         )
     return count
+
+
+def delivery_count(backend, task_id: str) -> int:
+    """The deliveries counted so far (0: no attempt started generating)."""
+    return int(backend.get(KEY_PREFIX + task_id) or 0)

@@ -17,7 +17,7 @@ from celery.worker.request import Request
 
 from tasks import audio_stream
 from tasks.celery_app import RESULT_STORE_RETRIES, app
-from tasks.deliveries import record_delivery
+from tasks.deliveries import delivery_count, record_delivery
 from tasks.engine import load_engine, process_info
 from tasks.errors import InvalidJobError, RedeliveryLimitError, StorageError, SynthesisTimeLimitError
 from tasks.leases import JobLease, release_lease
@@ -91,13 +91,13 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
     job = validate_job(text, voice, temperature, format, settings, seed)
     path = audio_path(settings.storage_dir, self.request.id, job.format)
     if path.is_file():
-        return str(path)
+        return _stored(self, path, stream)
     lease = JobLease(self.backend.client, self.request.id)
     try:  # the soft time limit may also pass while Redis is away, before the lease is taken
         if not _through_outage(self.backend, lease.acquire):  # another attempt runs: come back when it ends
             raise self.retry(countdown=_through_outage(self.backend, lease.seconds_left) + 1)
         if path.is_file():  # finished between the first check and the lease
-            return str(path)
+            return _stored(self, path, stream)
         attempt = _through_outage(
             self.backend, record_delivery, self.backend, self.request.id, settings.max_deliveries,
             settings.result_expires,
@@ -117,6 +117,18 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
         ) from None
     finally:
         lease.release()
+    return str(path)
+
+
+def _stored(task, path, stream: bool) -> str:
+    """The path of a job whose file is stored already (its worker died before acknowledging it, or
+    the task id was sent again). A streaming job also publishes the file's audio before its end:
+    a reader that lost part of the stream (expired, a Redis that lost its last writes) or came
+    late gets all of it, and `Relay` skips what a reader has."""
+    if stream:
+        task_id = task.request.id
+        attempt = _through_outage(task.backend, delivery_count, task.backend, task_id) + 1
+        _through_outage(task.backend, audio_stream.publish_stored, task_id, path, attempt)
     return str(path)
 
 

@@ -6,6 +6,11 @@ pool forks, so every child inherits the wrapper. Texts that start with a marker:
 * ``SLOW``: append "<pid> <time>" to ``$SERVICE_TEST_HOOK_DIR/<task id>.starts``,
   sleep ``$SERVICE_TEST_SLOW_SECONDS`` (default 3), then synthesize normally;
 * ``CRASH``: the child SIGKILLs itself, like a job that crashes native code;
+* ``DRIP``: each piece of streamed audio is published ``$SERVICE_TEST_PIECE_SECONDS`` (default
+  0.1) late, so that a short job still streams when a test acts on it;
+* ``STORED``: the child SIGKILLs itself right after storing the audio file, before the job is
+  acknowledged;
+* ``BREAK``: the job fails once its audio is generated (and streamed), before anything is stored;
 * ``PAUSE``, with ``$SERVICE_TEST_PAUSE_ON_RECEIVE`` set: the process that receives the message
   from Redis writes its pid to ``$SERVICE_TEST_HOOK_DIR/<task id>.received`` and stops itself
   (SIGSTOP) before handing the message to its consumer, i.e. after the message left its queue and
@@ -24,12 +29,12 @@ from pathlib import Path
 from celery import current_task
 from kombu.transport import virtual
 
-from tasks import engine
+from tasks import engine, synthesis
 
 _synthesize = engine.Engine.synthesize
 
 
-def _misbehaving_synthesize(self, job, *args, **kwargs):
+def _misbehaving_synthesize(self, job, on_audio=None, *args, **kwargs):
     if job.text.startswith("CRASH"):
         os.kill(os.getpid(), signal.SIGKILL)
     if job.text.startswith("SLOW"):
@@ -37,10 +42,36 @@ def _misbehaving_synthesize(self, job, *args, **kwargs):
         with starts.open("a") as f:
             f.write(f"{os.getpid()} {time.time()}\n")
         time.sleep(float(os.environ.get("SERVICE_TEST_SLOW_SECONDS", "3")))
-    return _synthesize(self, job, *args, **kwargs)
+    if job.text.startswith("DRIP") and on_audio is not None:
+        on_audio = _late(on_audio, float(os.environ.get("SERVICE_TEST_PIECE_SECONDS", "0.1")))
+    audio = _synthesize(self, job, on_audio, *args, **kwargs)
+    if job.text.startswith("BREAK"):
+        raise RuntimeError("the test hook breaks this job after its audio")
+    return audio
+
+
+def _late(publish, seconds: float):
+    def late_publish(piece):
+        time.sleep(seconds)
+        publish(piece)
+
+    return late_publish
 
 
 engine.Engine.synthesize = _misbehaving_synthesize
+
+
+_write_once = synthesis.write_once
+
+
+def _dying_write_once(storage_dir, path, data):
+    written = _write_once(storage_dir, path, data)
+    if str(synthesis._text_argument(current_task.request.args, current_task.request.kwargs)).startswith("STORED"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return written
+
+
+synthesis.write_once = _dying_write_once
 
 
 _deliver = virtual.Transport._deliver

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from service_helpers import REPO_ROOT, SAMPLE_RATE
+from service_helpers import REPO_ROOT, SAMPLE_RATE, WORKER_START_TIMEOUT
 
 from tasks import local_stack
 
@@ -375,6 +376,100 @@ def test_batching_mode_streams_concurrent_jobs_and_cancels(batching_gateway, cli
         assert_same_audio(wav_samples(response.content), stored_samples(service_files, response.headers["x-job-id"]))
     stopped_after = leave_mid_stream(batching_gateway.url, {}, client_app, service_files, redis_url)
     print(f"batching job stopped {stopped_after:.3f} s after the client left")
+
+
+def test_a_job_failing_after_its_audio_started_cuts_the_stream_with_one_log_line(http, gateway):
+    reason = "synthesis failed (RuntimeError; see the worker log)"
+    with http.stream("POST", "/tts", data={"text": "BREAK: the job fails after this audio."}) as response:
+        assert response.status_code == 200
+        audio_id = response.headers["x-job-id"]
+        received = []
+        with pytest.raises(httpx.RemoteProtocolError):  # incomplete: not mistaken for a whole, shorter file
+            for chunk in response.iter_raw():
+                received.append(chunk)
+    body = {"model": "tts-1", "input": "BREAK in events.", "voice": "voice_24k.wav", "response_format": "pcm",
+            "stream_format": "sse"}  # fmt: skip
+    with http.stream("POST", "/v1/audio/speech", json=body) as response:
+        events_id = response.headers["x-job-id"]
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+    assert len(b"".join(received)) > 44  # audio came before the failure
+    assert events[0]["type"] == "speech.audio.delta" and events[-1] == {"type": "error", "error": {"message": reason}}
+    log = gateway.log.read_text()
+    for job_id in (audio_id, events_id):
+        [line] = [line for line in log.splitlines() if job_id in line]
+        assert line.endswith(f"job {job_id}: audio stream cut: {reason}")
+    assert "Traceback" not in log
+
+
+# ---------------------------------------------------------------------------- workers that die mid-stream
+
+
+def stream_entries(redis_url: str, job_id: str, timeout: float = 30) -> list[dict[bytes, bytes]]:
+    """The job's audio stream, once its end entry is there (published after the result is stored)."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    with redis.Redis.from_url(f"{redis_url}/0") as client:
+        while b"end" not in (entries := [fields for _, fields in client.xrange(f"pocket_tts:audio:{job_id}")] or [{}])[-1]:
+            assert time.monotonic() < deadline, f"no end in the stream of job {job_id}"
+            time.sleep(0.02)
+    return entries
+
+
+def test_a_stream_whose_worker_is_killed_reaches_its_client_once(launch_worker, worker_env, client_app, service_files,
+                                                                 redis_url, tmp_path):  # fmt: skip
+    queue = "stream-redelivered"
+    victim = launch_worker("stream-victim", "-c", "1", "--include", "service_test_hooks", queue=queue)
+    rescuer = launch_worker("stream-rescuer", "-c", "1", "--include", "service_test_hooks", queue="stream-standby")
+    [child] = victim.wait_children_ready(client_app, WORKER_START_TIMEOUT)
+    try:
+        with local_stack.running_gateway({**worker_env, "POCKET_TTS_JOB_QUEUE": queue}, tmp_path / "gateway.log") as gw:
+            # DRIP: a piece every 0.1 s, so the job still streams while the test kills its process.
+            with httpx.stream("POST", f"{gw.url}/tts", data={"text": f"DRIP {LONG_TEXT[:300]}"}, timeout=60) as response:
+                job_id = response.headers["x-job-id"]
+                chunks = response.iter_raw()
+                received = next(chunks)
+                while len(received) <= 44:  # the WAV header, then audio
+                    received += next(chunks)
+                client_app.control.cancel_consumer(queue, destination=[victim.node], reply=True)
+                os.kill(child, signal.SIGKILL)  # its worker requeues the job; the rescuer takes it
+                client_app.control.add_consumer(queue, destination=[rescuer.node], reply=True)
+                relayed_before_kill = len(received) - 44
+                received += b"".join(chunks)
+    finally:
+        victim.stop()
+        rescuer.stop()
+
+    audio = [entry for entry in stream_entries(redis_url, job_id) if b"pcm" in entry]
+    first_attempt = sum(len(entry[b"pcm"]) for entry in audio if entry[b"attempt"] == b"1")
+    assert {entry[b"attempt"] for entry in audio} == {b"1", b"2"}  # the second attempt replayed the start
+    assert 0 < relayed_before_kill <= first_attempt < 2 * len(stored_samples(service_files, job_id))
+    assert f"pocket_tts.synthesize[{job_id}] succeeded" in rescuer.output()
+    assert_same_audio(wav_samples(received), stored_samples(service_files, job_id))  # no gap, no duplicate
+
+
+def test_a_worker_killed_between_storing_and_acknowledging_publishes_the_stored_audio(session_worker, client_app,
+                                                                                     service_files, redis_url):  # fmt: skip
+    from tasks.audio_stream import Relay
+
+    # Unseeded, sent as web apps do: only the stored file's audio can continue what a reader has.
+    result = client_app.send_task("pocket_tts.synthesize", args=("STORED: the worker dies after writing me.",),
+                                  kwargs={"stream": True})  # fmt: skip
+    result.get(timeout=60)
+    stored = stored_samples(service_files, result.id)
+
+    entries = stream_entries(redis_url, result.id)
+    first = [entry for entry in entries if entry.get(b"attempt") == b"1"]
+    replayed = [entry for entry in entries if entry.get(b"stored") == b"1"]
+    assert b"end" in entries[-1] and entries[:-1] == first + replayed
+    assert {entry[b"attempt"] for entry in replayed} == {b"2"}
+    # A reader of the whole stream relays the audio once; one that lost the first attempt's last
+    # pieces (a Redis that lost its last writes, an expired stream) gets them from the stored file.
+    for head in (first, first[: len(first) // 2]):
+        relay = Relay()
+        relayed = b"".join(relay.new_audio(entry) for entry in head + replayed)
+        assert_same_audio(np.frombuffer(relayed, dtype="<i2"), stored)
 
 
 # ---------------------------------------------------------------------------- web page

@@ -406,3 +406,18 @@ def test_an_unseeded_job_that_restarts_mid_stream_ends_the_relay():
     # Before any audio was relayed, another attempt is simply the stream.
     fresh = Relay()
     assert fresh.new_audio(_audio_entries(audio, 1920, attempt=2, seeded=False)[0]) == audio[:1920].tobytes()
+
+
+def test_the_stored_files_audio_continues_an_unseeded_attempt():
+    import numpy as np
+
+    from tasks.audio_stream import Relay
+
+    # Attempt 1 stored the file and died before its end; attempt 2 publishes the file in 1 s pieces.
+    audio = np.arange(3 * 24000, dtype="<i2")
+    stored = _audio_entries(audio, 24000, attempt=2, seeded=False)
+    for entry in stored:
+        entry[b"stored"] = b"1"
+    relay = Relay()
+    relayed = b"".join(relay.new_audio(entry) for entry in _audio_entries(audio[:30000], 1920, attempt=1, seeded=False) + stored)
+    assert relayed == audio.tobytes()
