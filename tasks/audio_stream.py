@@ -18,21 +18,28 @@ a reader that missed the tail gets it. Entries:
 The stream is capped (`MAX_ENTRIES`) and expires `STREAM_TTL_SECONDS` after its
 last entry, so an abandoned stream never stays in Redis. Whoever wants a job
 stopped sets `pocket_tts:cancel:<task id>`: the job sees it at its next piece of
-audio, publishes nothing more, writes no file and ends REVOKED.
+audio (a prefork job also within CANCEL_POLL_SECONDS, wherever its generation is), publishes
+nothing more, writes no file and ends REVOKED.
 Torch-free at import: the gateway imports the key names and readers from here.
 """
 
 from __future__ import annotations
 
+import _thread
+import signal
+import threading
 from functools import cache
 
 from tasks.errors import one_line
 
 AUDIO_KEY = "pocket_tts:audio:{}"
 CANCEL_KEY = "pocket_tts:cancel:{}"
-# Prefork jobs publish a piece per 4 frames (320 ms), batching jobs per frame (80 ms): 8192
-# entries hold 11 to 43 minutes of audio, far more than the longest text allowed.
+# Prefork jobs publish a piece per 8 frames (640 ms), batching jobs per frame (80 ms): 8192
+# entries hold 11 to 87 minutes of audio, far more than the longest text allowed.
 MAX_ENTRIES = 8192
+CANCEL_POLL_SECONDS = 0.1
+# Raised in the main thread by `_thread.interrupt_main`: no signal is sent to the process.
+CANCEL_SIGNAL = signal.SIGUSR2
 STORED_PIECE_SAMPLES = 24000  # a stored file is published in pieces of 1 s at 24 kHz (48 kB entries)
 STREAM_TTL_SECONDS = 600
 CANCELLED_REASON = "cancelled: the client went away"
@@ -59,8 +66,19 @@ def _client():
     return _redis(current_settings().broker_url)
 
 
+class _Cancelled(Exception):
+    """Raised in a job's main thread when its cancel key appears; `AudioPublisher` stops the job."""
+
+
 class AudioPublisher:
-    """The `on_audio` callback of one streaming job: publishes each piece, stops on cancellation."""
+    """The `on_audio` callback of one streaming job: publishes each piece, stops on cancellation.
+
+    Each publish checks the cancel key in the same round trip. A prefork job publishes a piece per
+    8 frames (640 ms of audio: ~0.4-0.6 s of compute on the full-size model), so a job run in its
+    process's main thread inside `with publisher:` is also watched by a thread that polls the key
+    every CANCEL_POLL_SECONDS and interrupts the generation where it is, as Celery's soft time
+    limit does. Pool threads (batching) publish every frame: their check stays per piece.
+    """
 
     def __init__(self, task, sample_rate: int, attempt: int = 1, seeded: bool = False):
         self._task = task
@@ -68,10 +86,49 @@ class AudioPublisher:
         self._cancel_key = cancel_key(task.request.id)
         self._fields = {"rate": sample_rate, "attempt": attempt, "seeded": int(seeded)}
         self._samples = 0
+        self._watch: threading.Thread | None = None
+        self._done = threading.Event()
+        self._armed = False  # the interrupt raises only while the engine runs, never in a publish
+        self._interrupted = False
+        self._previous_handler = None
+
+    def __enter__(self) -> AudioPublisher:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(CANCEL_SIGNAL, self._interrupt)
+            self._watch = threading.Thread(target=self._poll, name="pocket-tts-cancel", daemon=True)
+            self._watch.start()
+        self._armed = True
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._armed = False
+        if self._watch is not None:
+            self._done.set()
+            self._watch.join()
+            signal.signal(CANCEL_SIGNAL, self._previous_handler)
+        if exc_type is _Cancelled:
+            self._stop()
+
+    def _poll(self) -> None:
+        import redis
+
+        while not self._done.wait(CANCEL_POLL_SECONDS):
+            try:
+                if _client().exists(self._cancel_key):
+                    _thread.interrupt_main(CANCEL_SIGNAL)
+                    return
+            except redis.RedisError:  # Redis away: the next publish reports it
+                continue
+
+    def _interrupt(self, signum, frame) -> None:
+        if self._armed:
+            raise _Cancelled()
+        self._interrupted = True  # in a publish: it stops the job when its round trip is done
 
     def __call__(self, piece) -> None:
         import torch
 
+        self._armed = False
         pcm = (piece.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
         self._samples += piece.numel()
         pipe = _client().pipeline(transaction=False)
@@ -79,8 +136,9 @@ class AudioPublisher:
         pipe.xadd(self._key, {"pcm": pcm, "samples": self._samples, **self._fields}, maxlen=MAX_ENTRIES)
         pipe.expire(self._key, STREAM_TTL_SECONDS)
         cancelled, *_ = pipe.execute()
-        if cancelled:
+        if cancelled or self._interrupted:
             self._stop()
+        self._armed = True
 
     def _stop(self):
         from celery.exceptions import Ignore

@@ -9,6 +9,7 @@ engine and stores the audio once (`tasks.storage`), holding the job's lease
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 
 from billiard.exceptions import WorkerLostError
 from celery import Task
@@ -107,7 +108,8 @@ def synthesize(self, text: str, voice: str | None = None, temperature: float | N
         from pocket_tts.audio import encode_audio  # torch module: workers only
 
         publisher = audio_stream.AudioPublisher(self, engine.sample_rate, attempt, job.seed is not None) if stream else None
-        audio = engine.synthesize(job, publisher, time_limit=_soft_limit(self.request, settings, job))
+        with publisher or nullcontext():
+            audio = engine.synthesize(job, publisher, time_limit=_soft_limit(self.request, settings, job))
         write_once(settings.storage_dir, path, encode_audio(audio, engine.sample_rate, job.format))
     except SoftTimeLimitExceeded:
         raise SynthesisTimeLimitError(

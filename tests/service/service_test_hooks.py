@@ -6,6 +6,8 @@ pool forks, so every child inherits the wrapper. Texts that start with a marker:
 * ``SLOW``: append "<pid> <time>" to ``$SERVICE_TEST_HOOK_DIR/<task id>.starts``,
   sleep ``$SERVICE_TEST_SLOW_SECONDS`` (default 3), then synthesize normally;
 * ``CRASH``: the child SIGKILLs itself, like a job that crashes native code;
+* ``BUSY``: runs Python code for ``$SERVICE_TEST_SLOW_SECONDS`` before synthesizing, as the engine
+  does between two pieces of audio, writing "start" then "end" to ``$SERVICE_TEST_HOOK_DIR/<task id>.busy``;
 * ``DRIP``: each piece of streamed audio is published ``$SERVICE_TEST_PIECE_SECONDS`` (default
   0.1) late, so that a short job still streams when a test acts on it;
 * ``STORED``: the child SIGKILLs itself right after storing the audio file, before the job is
@@ -42,6 +44,14 @@ def _misbehaving_synthesize(self, job, on_audio=None, *args, **kwargs):
         with starts.open("a") as f:
             f.write(f"{os.getpid()} {time.time()}\n")
         time.sleep(float(os.environ.get("SERVICE_TEST_SLOW_SECONDS", "3")))
+    if job.text.startswith("BUSY"):
+        busy = Path(os.environ["SERVICE_TEST_HOOK_DIR"]) / f"{current_task.request.id}.busy"
+        busy.write_text("start\n")
+        deadline = time.monotonic() + float(os.environ.get("SERVICE_TEST_SLOW_SECONDS", "3"))
+        while time.monotonic() < deadline:
+            pass
+        with busy.open("a") as f:
+            f.write("end\n")
     if job.text.startswith("DRIP") and on_audio is not None:
         on_audio = _late(on_audio, float(os.environ.get("SERVICE_TEST_PIECE_SECONDS", "0.1")))
     audio = _synthesize(self, job, on_audio, *args, **kwargs)

@@ -356,6 +356,23 @@ def test_a_client_that_disconnects_cancels_its_job(gateway, client_app, service_
     print(f"prefork job stopped {stopped_after:.3f} s after the client left")
 
 
+def test_a_cancelled_prefork_job_stops_between_two_pieces_of_audio(http, client_app, service_files):
+    job_id = http.post("/v1/jobs", json={"text": "BUSY computing its first piece."}).json()["id"]
+    busy = service_files.hooks / f"{job_id}.busy"
+    deadline = time.monotonic() + 30
+    while not busy.exists():
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.01)
+
+    assert http.delete(f"/v1/jobs/{job_id}").status_code == 202
+    stopped_after = wait_for_state(client_app, job_id, ("REVOKED", "SUCCESS", "FAILURE"))
+
+    assert client_app.AsyncResult(job_id).state == "REVOKED"
+    assert busy.read_text() == "start\n"  # stopped within its 3 s of work, not at its next piece
+    assert service_files.files_of(job_id) == []
+    print(f"prefork job stopped {stopped_after:.3f} s after DELETE, between two pieces")
+
+
 @pytest.fixture(scope="module")
 def batching_gateway(batching_worker, worker_env, tmp_path_factory):
     """A key-less gateway sending its jobs to the batching worker's queue."""
