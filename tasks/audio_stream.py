@@ -105,7 +105,7 @@ class AudioPublisher:
         if self._watch is not None:
             self._done.set()
             self._watch.join()
-            signal.signal(CANCEL_SIGNAL, self._previous_handler)
+            signal.signal(CANCEL_SIGNAL, self._previous_handler or signal.SIG_DFL)  # None: not set from Python
         if exc_type is _Cancelled:
             self._stop()
 
