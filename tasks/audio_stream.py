@@ -156,11 +156,11 @@ def publish_stored(task_id: str, path, attempt: int) -> None:
 
     samples, rate = sf.read(str(path), dtype="<i2")
     fields = {"rate": rate, "attempt": attempt, "stored": 1}
-    _publish(task_id, *(
-        {"pcm": samples[start:end].tobytes(), "samples": end, **fields}
-        for start in range(0, len(samples), STORED_PIECE_SAMPLES)
-        if (end := min(start + STORED_PIECE_SAMPLES, len(samples)))
-    ))  # fmt: skip
+    pieces = []
+    for start in range(0, len(samples), STORED_PIECE_SAMPLES):
+        piece = samples[start : start + STORED_PIECE_SAMPLES]
+        pieces.append({"pcm": piece.tobytes(), "samples": start + len(piece), **fields})
+    _publish(task_id, *pieces)
 
 
 class AttemptChanged(Exception):
