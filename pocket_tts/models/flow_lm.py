@@ -8,7 +8,9 @@ replaced by the learnt `bos_emb`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 
 from pocket_tts.config import FlowLMConfig
 from pocket_tts.models.onednn import SharedLinear as Linear
-from pocket_tts.models.onednn import shared_linear
+from pocket_tts.models.onednn import Projection, shared_linear
 from pocket_tts.models.transformer import LayerState, Transformer
 
 VoiceState = dict[str, LayerState]
@@ -74,7 +76,8 @@ class FlowFinalLayer(nn.Module):
 HEAD_TIME_CONDITIONS = {"lsd": 2, "flow_matching": 1, "drifting": 0, "pointwise": 0}
 # Heads whose modulation weights (every block's and the final layer's) hold at most this many
 # elements run them as one product over a concatenated copy (the 2M-18M heads: one op instead
-# of five per velocity); larger ones (the default's, 21 MB) keep the shared checkpoint pages.
+# of five per velocity, on a transposed copy for a frame's few rows, see `Projection`); larger
+# ones (the default's, 21 MB) keep the shared checkpoint pages.
 FUSED_MODULATION = 1 << 20
 
 
@@ -82,13 +85,13 @@ FUSED_MODULATION = 1 << 20
 class HeadTables:
     """What the head's decode repeats every frame, built once per model (`FlowHead.tables`).
 
-    `modulation`: (weight, bias) products whose outputs, split every `dim` columns, are each
+    `modulation`: products of the activated condition whose outputs, split every `dim` columns, are each
     block's (shift, 1 + scale, gate) and the final layer's (shift, 1 + scale): the 1 is in
     the bias. `times`: the time condition of each integration step (none for one-step heads).
     """
 
     times: list[torch.Tensor]
-    modulation: list[tuple[torch.Tensor, torch.Tensor]]
+    modulation: list[Callable[[torch.Tensor], torch.Tensor]]
 
 
 class FlowHead(nn.Module):
@@ -127,15 +130,17 @@ class FlowHead(nn.Module):
             times = []
         linears = [block.adaLN_modulation[1] for block in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
         plus_one = [torch.tensor([0.0, 1.0, 0.0][: lin.out_features // self.dim]).repeat_interleave(self.dim) for lin in linears]
-        modulation = [(lin.weight, lin.bias + one) for lin, one in zip(linears, plus_one)]
+        biases = [lin.bias + one for lin, one in zip(linears, plus_one)]
         if sum(lin.weight.numel() for lin in linears) <= FUSED_MODULATION:
-            modulation = [(torch.cat([w for w, _ in modulation]), torch.cat([b for _, b in modulation]))]
+            modulation = [Projection(torch.cat([lin.weight for lin in linears]), torch.cat(biases))]
+        else:
+            modulation = [partial(shared_linear, weight=lin.weight, bias=bias) for lin, bias in zip(linears, biases)]
         return HeadTables(times, modulation)
 
-    def velocity(self, y: torch.Tensor, x: torch.Tensor, modulation: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def velocity(self, y: torch.Tensor, x: torch.Tensor, modulation: list[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """The head's MLP over x [B, latent_dim] under condition y [B, dim]."""
         act = F.silu(y)
-        mods = [part for weight, bias in modulation for part in shared_linear(act, weight, bias).split(self.dim, dim=-1)]
+        mods = [part for product in modulation for part in product(act).split(self.dim, dim=-1)]
         x = self.input_proj(x)
         for i, block in enumerate(self.res_blocks):
             shift, scale, gate = mods[3 * i : 3 * i + 3]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocket_tts.models.onednn import SMALL_LINEAR, SharedLinear, shared_linear
+from pocket_tts.models.onednn import SMALL_LINEAR, Projection, SharedLinear
 
 LayerState = dict[str, torch.Tensor]
 
@@ -304,9 +304,11 @@ class StepLayer:
 
 
 def _projection(linear: nn.Module):
-    """linear's forward without the module call (~2 us) where it is a plain or shared linear."""
-    if type(linear) in (nn.Linear, SharedLinear):
-        return partial(shared_linear if type(linear) is SharedLinear else F.linear, weight=linear.weight, bias=linear.bias)
+    """linear's forward without the module call (~2 us) where it is a shared linear."""
+    if type(linear) is SharedLinear:
+        return Projection(linear.weight, linear.bias)
+    if type(linear) is nn.Linear:
+        return partial(F.linear, weight=linear.weight, bias=linear.bias)
     return linear
 
 
