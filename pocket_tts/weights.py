@@ -1,10 +1,12 @@
-"""Loading checkpoints memory-mapped, so every process on a host shares one copy of the weights.
+"""Loading checkpoints without a second copy of the weights.
 
 The model is built on the meta device (no memory) and the checkpoint tensors are
-assigned directly as its parameters. The tensors are views of a private
-file mapping: their pages come from the page cache and are shared by all
-processes that map the same file, until something writes to them (nothing does
-at inference).
+assigned directly as its parameters. A tensor that starts on a 64-byte boundary in
+the file is a view of a private file mapping (page-cache pages shared by every
+process mapping the file); the others, in practice all of a file's (see ALIGNMENT),
+are copied once into aligned memory. Either way, processes forked after the load
+(prefork workers) share the pages until something writes to them (nothing does at
+inference).
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ class SharedLinear(nn.Linear):
     """nn.Linear on oneDNN that reads the weight where it is, without a packed copy.
 
     Slower than `Linear` (oneDNN re-lays the weight out on the fly) but faster than
-    MKL on AMD, and the weight stays the memory-mapped checkpoint page that every
-    process on the host shares: the FlowLM backbone's 300 MB must not be copied per worker.
+    MKL on AMD, and the weight stays the loaded checkpoint tensor that forked workers
+    share: the FlowLM backbone's 300 MB must not get a second, packed copy.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
