@@ -3,9 +3,10 @@
 
     python scripts/benchmark_gateway.py                          # prefork: 1 idle worker, 1 client, TTFB
     python scripts/benchmark_gateway.py --mode batching --clients 16 --threads 2
+    python scripts/benchmark_gateway.py --mode batching --clients 16 --workers 2 --precision int8 --decoder-precision bfloat16
     python scripts/benchmark_gateway.py --quick --parity-dir ../shared/parity   # small checkpoint: a smoke test
 
-Starts a private redis-server, one worker (prefork `-c 1`, or batching `--pool=threads -c N` with
+Starts a private redis-server, --workers workers (prefork `-c 1`, or batching `--pool=threads -c N` with
 POCKET_TTS_MAX_BATCH=N) and one gateway (`python -m gateway`) on loopback, on the full-size
 English architecture with random weights (scripts/run_local.py --random-weights writes it once;
 its EOS never fires, so every job speaks its text's longest audio). Then, for --rounds rounds:
@@ -25,6 +26,7 @@ The random weights make noise, never speech; only the timings mean something.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -48,7 +50,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mode", choices=("prefork", "batching"), default="prefork")
     parser.add_argument("--clients", type=bench.positive_int, default=1, help="concurrent streams per round (1)")
     parser.add_argument("--rounds", type=bench.positive_int, default=5, help="rounds (5)")
-    parser.add_argument("--threads", type=bench.positive_int, default=1, help="torch threads of the worker (1)")
+    parser.add_argument("--threads", type=bench.positive_int, default=1, help="torch threads of each worker (1)")
+    parser.add_argument(
+        "--workers", type=bench.positive_int, default=1,
+        help="worker processes (1); batching: each takes up to ceil(clients / workers) streams in its batch",
+    )  # fmt: skip
     parser.add_argument("--precision", default="float32", help="POCKET_TTS_PRECISION of both sides (float32)")
     parser.add_argument(
         "--decoder-precision", default="float32", help="POCKET_TTS_DECODER_PRECISION of both sides (float32)"
@@ -175,17 +181,25 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     worker_args = ["-c", "1"]
     pool = "prefork"
     if args.mode == "batching":
-        worker_settings["POCKET_TTS_MAX_BATCH"] = str(max(2, args.clients))
-        worker_args, pool = ["-c", str(max(2, args.clients))], "threads"
+        per_worker = max(2, -(-args.clients // args.workers))
+        worker_settings["POCKET_TTS_MAX_BATCH"] = str(per_worker)
+        worker_args, pool = ["-c", str(per_worker)], "threads"
     in_process, ttfb, rounds, stops = [], [], [], []
     with local_stack.redis_server() as redis:
         broker = f"{redis.url}/0"
         env = local_stack.worker_env(broker, worker_settings)
         app = local_stack.client_app(broker)
-        bench.log(f"starting a {args.mode} worker and the gateway ...")
-        with local_stack.running_worker(app, env, workdir / "worker.log", "bench", *worker_args, pool=pool) as worker, \
-                local_stack.running_gateway(env, workdir / "gateway.log") as gateway:  # fmt: skip
-            worker.wait_children_ready(app)
+        bench.log(f"starting {args.workers} {args.mode} worker(s) and the gateway ...")
+        with contextlib.ExitStack() as stack:
+            workers = [
+                stack.enter_context(local_stack.running_worker(
+                    app, env, workdir / f"worker{i}.log", f"bench{i}", *worker_args, pool=pool
+                ))  # fmt: skip
+                for i in range(args.workers)
+            ]
+            gateway = stack.enter_context(local_stack.running_gateway(env, workdir / "gateway.log"))
+            for worker in workers:
+                worker.wait_children_ready(app)
             clients = [httpx.Client() for _ in range(args.clients)]
             concurrent_streams(clients, gateway.url, "Warm up.")
             load_before = bench.machine_cpu_seconds()
@@ -203,7 +217,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             load_after = bench.machine_cpu_seconds()
             for client in clients:
                 client.close()
-            log_tails = {"gateway": gateway.log_tail(1500), "worker": worker.log_tail(1500)}
+            log_tails = {"gateway": gateway.log_tail(1500), **{f"worker{i}": w.log_tail(1500) for i, w in enumerate(workers)}}
     streams = [r for round_ in rounds for r in round_["results"]]
     ok = [r for r in streams if "error" not in r]
     busy = None
@@ -214,6 +228,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         "clients": args.clients,
         "rounds": args.rounds,
         "threads": args.threads,
+        "workers": args.workers,
         "precision": args.precision,
         "checkpoint": "parity (small)" if args.quick else "full-size random",
         "in_process_first_chunk_ms": _quantiles(in_process),
@@ -242,7 +257,7 @@ def _quantiles(values: list[float]) -> dict:
 
 def print_table(report: dict) -> None:
     print(
-        f"{report['mode']} worker, {report['threads']} thread(s), {report['precision']}, {report['checkpoint']}; "
+        f"{report['workers']} {report['mode']} worker(s) x {report['threads']} thread(s), {report['precision']}, {report['checkpoint']}; "
         f"{report['clients']} concurrent stream(s) x {report['rounds']} rounds; machine CPU busy "
         f"{report['machine_cpu_busy']:.0%} of {report['machine']['cpus']} CPUs during the run"
     )

@@ -102,13 +102,15 @@ def test_benchmark_gateway_quick_json(parity_dir, tmp_path):
     require_redis_server()
     pytest.importorskip("fastapi")
     run = run_script(
-        "benchmark_gateway.py", "--quick", "--clients", "2", "--json", "--parity-dir", str(parity_dir),
-        env=clean_env(), cwd=tmp_path,
+        "benchmark_gateway.py", "--quick", "--clients", "2", "--mode", "batching", "--workers", "2", "--json",
+        "--parity-dir", str(parity_dir), env=clean_env(), cwd=tmp_path,
     )  # fmt: skip
 
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert (report["mode"], report["clients"], report["streams"], report["errors"]) == ("prefork", 2, 4, [])
+    assert (report["mode"], report["workers"], report["clients"], report["streams"], report["errors"]) == (
+        "batching", 2, 2, 4, []
+    )
     assert report["in_process_first_chunk_ms"]["p50"] > 0 and report["gateway_ttfb_ms"]["p50"] > 0
     assert report["audio_s_per_wall_s"] > 0 and report["slowest_stream_rtf"] > 0
     assert len(report["disconnect_stop_ms"]) == 2 and report["disconnect_final_states"] == ["REVOKED"]
