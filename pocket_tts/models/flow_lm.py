@@ -8,9 +8,7 @@ replaced by the learnt `bos_emb`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -74,24 +72,19 @@ class FlowFinalLayer(nn.Module):
 # Time conditions each sampler head takes: LSD two (start and end of a jump), flow matching
 # one (the Euler step's time), the one-step heads none.
 HEAD_TIME_CONDITIONS = {"lsd": 2, "flow_matching": 1, "drifting": 0, "pointwise": 0}
-# Heads whose modulation weights (every block's and the final layer's) hold at most this many
-# elements run them as one product over a concatenated copy (the 2M-18M heads: one op instead
-# of five per velocity, on a transposed copy for a frame's few rows, see `Projection`); larger
-# ones (the default's, 21 MB) keep the shared checkpoint pages.
-FUSED_MODULATION = 1 << 20
 
 
 @dataclass
 class HeadTables:
     """What the head's decode repeats every frame, built once per model (`FlowHead.tables`).
 
-    `modulation`: products of the activated condition whose outputs, split every `dim` columns, are each
+    `modulation`: the product of the activated condition whose output, split every `dim` columns, is each
     block's (shift, 1 + scale, gate) and the final layer's (shift, 1 + scale): the 1 is in
     the bias. `times`: the time condition of each integration step (none for one-step heads).
     """
 
     times: list[torch.Tensor]
-    modulation: list[Callable[[torch.Tensor], torch.Tensor]]
+    modulation: Projection
 
 
 class FlowHead(nn.Module):
@@ -130,17 +123,17 @@ class FlowHead(nn.Module):
             times = []
         linears = [block.adaLN_modulation[1] for block in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
         plus_one = [torch.tensor([0.0, 1.0, 0.0][: lin.out_features // self.dim]).repeat_interleave(self.dim) for lin in linears]
-        biases = [lin.bias + one for lin, one in zip(linears, plus_one)]
-        if sum(lin.weight.numel() for lin in linears) <= FUSED_MODULATION:
-            modulation = [Projection(torch.cat([lin.weight for lin in linears]), torch.cat(biases))]
-        else:
-            modulation = [partial(shared_linear, weight=lin.weight, bias=bias) for lin, bias in zip(linears, biases)]
-        return HeadTables(times, modulation)
+        # Every block's modulation in one product over a concatenated copy (one op instead of five
+        # per velocity for the small heads; the default head's 21 MB table costs 21 MB more for
+        # the oneDNN-packed copy that `Projection` reads, shared by forked workers).
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias + one for lin, one in zip(linears, plus_one)])
+        return HeadTables(times, Projection(weight, bias, owned=True))
 
-    def velocity(self, y: torch.Tensor, x: torch.Tensor, modulation: list[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    def velocity(self, y: torch.Tensor, x: torch.Tensor, modulation: Projection) -> torch.Tensor:
         """The head's MLP over x [B, latent_dim] under condition y [B, dim]."""
         act = F.silu(y)
-        mods = [part for product in modulation for part in product(act).split(self.dim, dim=-1)]
+        mods = modulation(act).split(self.dim, dim=-1)
         x = self.input_proj(x)
         for i, block in enumerate(self.res_blocks):
             shift, scale, gate = mods[3 * i : 3 * i + 3]

@@ -103,30 +103,36 @@ def shared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 # from 8 rows on oneDNN on the original wins (1536x512 at 16 rows: 622 against 724 us).
 NARROW_INPUT = 512
 FEW_ROWS = 4
+TRANSPOSED_COPY_MAX = 1 << 20  # elements: the small models' weights, not the default head's 5M table
 
 
 class Projection:
     """F.linear(x, weight, bias) for 2-D x, on the fastest kernel for x's row count.
 
-    A float32 weight with more outputs than inputs and at most NARROW_INPUT inputs also keeps a
-    transposed private copy for products of up to FEW_ROWS rows (a generated frame's); other
-    row counts and weights read the original in place (`shared_linear`).
+    A float32 weight of at most TRANSPOSED_COPY_MAX elements with more outputs than inputs and at
+    most NARROW_INPUT inputs also keeps a transposed copy for products of up to FEW_ROWS rows (a
+    generated frame's). `owned`: the weight is a table of the caller's, not the checkpoint's (the
+    flow head's concatenated modulation weights), so a oneDNN-packed copy of it costs no sharing:
+    other products read it (the default head's 10240x512 table at 8 rows: 3.7 -> 2.5 ms, at one
+    row 2.5 -> 2.0 ms); those of a checkpoint weight read it in place (`shared_linear`).
     """
 
-    __slots__ = ("weight", "bias", "weight_t")
+    __slots__ = ("weight", "bias", "weight_t", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, owned: bool = False):
         self.weight, self.bias = weight, bias
         out_features, in_features = weight.shape
-        narrow = weight.dtype == torch.float32 and in_features <= NARROW_INPUT and out_features > in_features
-        self.weight_t = weight.detach().t().contiguous() if narrow else None
+        narrow = in_features <= NARROW_INPUT and out_features > in_features and weight.numel() <= TRANSPOSED_COPY_MAX
+        self.weight_t = weight.detach().t().contiguous() if narrow and weight.dtype == torch.float32 else None
+        self.packed = _ops._reorder_linear_weight(weight.detach()) if owned and _fast_linear(weight) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_t is None or x.shape[0] > FEW_ROWS or torch.is_grad_enabled():
-            return shared_linear(x, self.weight, self.bias)
-        if self.bias is None:
-            return torch.mm(x, self.weight_t)
-        return torch.addmm(self.bias, x, self.weight_t)
+        if not torch.is_grad_enabled():
+            if self.weight_t is not None and x.shape[0] <= FEW_ROWS:
+                return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+            if self.packed is not None:
+                return _ops._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return shared_linear(x, self.weight, self.bias)
 
 
 def conv1d(packed: PackedWeight, x, weight, bias, stride: int = 1, dilation: int = 1) -> torch.Tensor:
