@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocket_tts.models import kernels
+
 _ops = torch.ops.mkldnn
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(_ops, "_convolution_transpose_pointwise")
 
@@ -91,48 +93,41 @@ class SharedLinear(nn.Linear):
 
 
 def shared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, on oneDNN for weights above SMALL_LINEAR (read in place, see `SharedLinear`)."""
+    """F.linear, for few rows through `kernels`, else on oneDNN for weights above SMALL_LINEAR (read
+    in place, see `SharedLinear`)."""
+    if kernels.applies(x, weight):
+        return kernels.product(x, kernels.as_array(weight), kernels.as_array(bias))
     if not _fast_linear(weight):
         return F.linear(x, weight, bias)
     return _ops._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# Products with few rows read a weight of few input features (<= 512) about twice as fast from a
-# transposed copy, where every row of the copy is a broadcast-and-add (one EPYC core, weights
-# not in cache, one row: 1536x512 306 -> 192 us, 768x224 112 -> 68 us, 2688x192 288 -> 127 us);
-# from 8 rows on oneDNN on the original wins (1536x512 at 16 rows: 622 against 724 us).
-NARROW_INPUT = 512
-FEW_ROWS = 4
-TRANSPOSED_COPY_MAX = 1 << 20  # elements: the small models' weights, not the default head's 5M table
-
-
 class Projection:
     """F.linear(x, weight, bias) for 2-D x, on the fastest kernel for x's row count.
 
-    A float32 weight of at most TRANSPOSED_COPY_MAX elements with more outputs than inputs and at
-    most NARROW_INPUT inputs also keeps a transposed copy for products of up to FEW_ROWS rows (a
-    generated frame's). `owned`: the weight is a table of the caller's, not the checkpoint's (the
-    flow head's concatenated modulation weights), so a oneDNN-packed copy of it costs no sharing:
-    other products read it (the default head's 10240x512 table at 8 rows: 3.7 -> 2.5 ms, at one
-    row 2.5 -> 2.0 ms); those of a checkpoint weight read it in place (`shared_linear`).
+    Few float32 rows go to `kernels` (the weight read once, front to back). `owned`: the weight
+    is a table of the caller's, not the checkpoint's (the flow head's concatenated modulation
+    weights), so a oneDNN-packed copy of it costs no sharing: more rows read it (the default
+    head's 10240x512 table at 8 rows: 3.7 -> 2.5 ms); those of a checkpoint weight read it in
+    place (`shared_linear`).
     """
 
-    __slots__ = ("weight", "bias", "weight_t", "packed")
+    __slots__ = ("weight", "bias", "arrays", "packed")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, owned: bool = False):
         self.weight, self.bias = weight, bias
-        out_features, in_features = weight.shape
-        narrow = in_features <= NARROW_INPUT and out_features > in_features and weight.numel() <= TRANSPOSED_COPY_MAX
-        self.weight_t = weight.detach().t().contiguous() if narrow and weight.dtype == torch.float32 else None
+        self.arrays = (kernels.as_array(weight), kernels.as_array(bias)) if weight.dtype == torch.float32 else None
         self.packed = _ops._reorder_linear_weight(weight.detach()) if owned and _fast_linear(weight) else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            if self.weight_t is not None and x.shape[0] <= FEW_ROWS:
-                return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
-            if self.packed is not None:
-                return _ops._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return shared_linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias, plus `residual` when given."""
+        if self.arrays is not None and kernels.applies(x, self.weight):
+            return kernels.product(x, *self.arrays, residual=residual)
+        if self.packed is not None and not torch.is_grad_enabled():
+            out = _ops._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        else:
+            out = shared_linear(x, self.weight, self.bias)
+        return out if residual is None else out.add_(residual)
 
 
 def conv1d(packed: PackedWeight, x, weight, bias, stride: int = 1, dilation: int = 1) -> torch.Tensor:

@@ -20,13 +20,13 @@ Two cache layouts exist:
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocket_tts.models.onednn import SMALL_LINEAR, Projection, SharedLinear
+from pocket_tts.models import kernels
+from pocket_tts.models.onednn import Projection, SharedLinear
 
 LayerState = dict[str, torch.Tensor]
 
@@ -312,31 +312,31 @@ class StepLayer:
         q, k = torch.view_as_real(qk).view(b, heads + kv_heads, head_dim).split((heads, kv_heads), dim=1)
         cache = state["cache"]
         cache[frame["at"]] = torch.stack((k, v.view(b, kv_heads, head_dim)))
+        queries = q.view(b, kv_heads, heads // kv_heads, head_dim)
+        if frame["visible"] is not None and kernels.applies(x, cache):
+            return kernels.attend(queries, cache.transpose(2, 3).numpy(), *frame["visible"]).view(b, heads * head_dim)
         keys, values = cache.narrow(2, 0, frame["end"]).transpose(2, 3).unbind(0)  # [B, KV, T, D] views
-        scores = torch.matmul(q.view(b, kv_heads, heads // kv_heads, head_dim), keys.transpose(2, 3))
+        scores = torch.matmul(queries, keys.transpose(2, 3))
         if frame["hidden"] is not None:
             scores.masked_fill_(frame["hidden"], -math.inf)
         return torch.matmul(torch.softmax(scores, dim=-1), values).view(b, heads * head_dim)
 
 
 def _projection(linear: nn.Module):
-    """linear's forward without the module call (~2 us) where it is a shared linear."""
-    if type(linear) is SharedLinear:
+    """linear's forward without the module call (~2 us), on `Projection`'s kernels, where it is a plain linear."""
+    if type(linear) in (SharedLinear, nn.Linear):
         return Projection(linear.weight, linear.bias)
-    if type(linear) is nn.Linear:
-        return partial(F.linear, weight=linear.weight, bias=linear.bias)
     return linear
 
 
 def _residual_projection(linear: nn.Module, scale: nn.Module):
-    """(x, h) -> x + scale(linear(h)) for 2-D h: one addmm for a small bias-free float32 weight without scale."""
-    weight = getattr(linear, "weight", None)
+    """(x, h) -> x + scale(linear(h)) for 2-D h; without a scale, the sum is in the product's kernel."""
+    project = _projection(linear)
     if isinstance(scale, LayerScale):
-        return lambda x, h: torch.addcmul(x, scale.scale, linear(h))
-    if weight is not None and linear.bias is None and weight.dtype == torch.float32 and weight.numel() <= SMALL_LINEAR:
-        weight_t = weight.t()
-        return lambda x, h: torch.addmm(x, h, weight_t)
-    return lambda x, h: x + linear(h)
+        return lambda x, h: torch.addcmul(x, scale.scale, project(h))
+    if isinstance(project, Projection):
+        return lambda x, h: project(h, residual=x)
+    return lambda x, h: x + project(h)
 
 
 class Transformer(nn.Module):
@@ -413,7 +413,10 @@ class Transformer(nn.Module):
             key_positions = torch.arange(end)
             hidden = (key_positions > offsets[:, None]) | (key_positions < pad[:, None])
             hidden = hidden[:, None, None]  # [B, 1, 1, T]: every head and query of the row
-        return {"at": at, "end": end, "rotation": rotation, "hidden": hidden}
+        # The kernel reads the head-major memory of `linear_cache` (other layouts take torch's ops).
+        head_major = state["cache"].transpose(2, 3).is_contiguous()
+        visible = (pad.numpy().copy(), offsets.numpy().copy()) if head_major else None  # first, last key of each row
+        return {"at": at, "end": end, "rotation": rotation, "hidden": hidden, "visible": visible}
 
     def _step_layers(self) -> list[StepLayer]:
         """Built at the first step; rebuilt when the projections were swapped (`lower_backbone_precision`)."""

@@ -1,0 +1,64 @@
+"""The numba kernels of a generated frame's rows against torch's own ops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pocket_tts.models import kernels
+from pocket_tts.models.onednn import Projection
+from pocket_tts.models.transformer import linear_cache
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_product_matches_linear_with_bias_scale_and_residual(rows):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(rows, 96), torch.randn(160, 96), torch.randn(160)
+    scale, residual = torch.randn(160), torch.randn(rows, 160)
+    arrays = kernels.as_array(weight), kernels.as_array(bias)
+    with torch.no_grad():
+        assert kernels.applies(x, weight)
+        torch.testing.assert_close(kernels.product(x, *arrays), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        got = kernels.product(x, *arrays, scale=kernels.as_array(scale), residual=residual)
+        torch.testing.assert_close(got, residual + scale * F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        # Non-finite inputs propagate as in torch (no fast-math assumption about them).
+        x[0, 3] = math.inf
+        assert torch.isinf(kernels.product(x, arrays[0])[0]).any()
+
+
+def test_projection_takes_the_kernel_only_where_it_applies():
+    torch.manual_seed(1)
+    weight, bias = torch.randn(64, 32), torch.randn(64)
+    projection = Projection(weight, bias)
+    with torch.no_grad():
+        for rows in (1, 4, 5, 16):  # 5 and 16 rows: the library kernels
+            x, residual = torch.randn(rows, 32), torch.randn(rows, 64)
+            assert kernels.applies(x, weight) == (rows <= kernels.MAX_ROWS)
+            torch.testing.assert_close(projection(x, residual=residual), residual + F.linear(x, weight, bias))
+    x = torch.randn(1, 32)
+    assert not kernels.applies(x, weight)  # autograd on: torch's ops
+    assert not kernels.applies(x.double(), weight.double())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert not kernels.applies(x, weight)  # several threads: the library kernels run in parallel
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_attend_matches_softmax_attention_over_each_rows_visible_keys():
+    torch.manual_seed(2)
+    batch, kv_heads, group, dim, capacity = 3, 2, 4, 16, 40
+    cache = linear_cache(batch, capacity, kv_heads, dim)
+    cache.normal_()
+    queries = torch.randn(batch, kv_heads, group, dim)
+    first, last = torch.tensor([0, 5, 12]), torch.tensor([30, 17, 12])  # the last row sees one key
+    with torch.no_grad():
+        got = kernels.attend(queries, cache.transpose(2, 3).numpy(), first.numpy(), last.numpy())
+    keys, values = cache.transpose(2, 3).unbind(0)  # [B, KV, T, D]
+    positions = torch.arange(capacity)
+    hidden = (positions < first[:, None]) | (positions > last[:, None])
+    scores = torch.matmul(queries, keys.transpose(2, 3)).masked_fill(hidden[:, None, None], -math.inf)
+    torch.testing.assert_close(got, torch.matmul(torch.softmax(scores, dim=-1), values), rtol=1e-5, atol=1e-5)
