@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pocket_tts.models import kernels
 from pocket_tts.models.onednn import Projection
-from pocket_tts.models.transformer import linear_cache
+from pocket_tts.models.transformer import Transformer, linear_cache
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
@@ -62,3 +62,33 @@ def test_attend_matches_softmax_attention_over_each_rows_visible_keys():
     hidden = (positions < first[:, None]) | (positions > last[:, None])
     scores = torch.matmul(queries, keys.transpose(2, 3)).masked_fill(hidden[:, None, None], -math.inf)
     torch.testing.assert_close(got, torch.matmul(torch.softmax(scores, dim=-1), values), rtol=1e-5, atol=1e-5)
+
+
+def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeypatch):
+    """Attention has no weight shared by rows: 6 rows at their own offsets and pads take the kernel
+    (the products take the library kernels) and match torch's ops (two threads)."""
+    torch.manual_seed(3)
+    model = Transformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64).eval()
+    rows = kernels.MAX_ROWS + 2
+    states = [layer.self_attn.init_linear_state(rows, 16) for layer in model.layers]
+    x = torch.randn(rows, 32)
+    calls = []
+    attend = kernels.attend
+    monkeypatch.setattr(kernels, "attend", lambda *args: calls.append(1) or attend(*args))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            model(torch.randn(rows, 7, 32), states)
+            for state in states:
+                state["offset"] -= torch.arange(rows) % 3  # rows at positions 5..7
+                state["pad"][1] = 2  # a row whose first keys are hidden
+            copies = [{key: t.clone() for key, t in state.items()} for state in states]
+            torch.set_num_threads(1)
+            got = model.step(x, states)
+            assert len(calls) == len(model.layers)
+            torch.set_num_threads(2)
+            want = model.step(x, copies)
+            assert len(calls) == len(model.layers)  # two threads: torch's ops
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -47,12 +47,12 @@ def _rows_by_weight(x, weight, bias, scale, residual, out):  # pragma: no cover 
             out[j, r] = residual[j, r] + value if residual.shape[0] else value
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
     """Whether the kernels should take rows x (and their product with weight, or attention over
-    the cache `weight`): few float32 rows on one thread, no autograd."""
+    the cache `weight`): few float32 rows (`max_rows`, None: any number) on one thread, no autograd."""
     return (
         x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
+        and (max_rows is None or x.shape[0] <= max_rows)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
