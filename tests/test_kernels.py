@@ -12,16 +12,15 @@ from pocket_tts.models.transformer import Transformer, linear_cache
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_product_matches_linear_with_bias_scale_and_residual(rows):
+def test_product_matches_linear_with_bias_and_residual(rows):
     torch.manual_seed(0)
-    x, weight, bias = torch.randn(rows, 96), torch.randn(160, 96), torch.randn(160)
-    scale, residual = torch.randn(160), torch.randn(rows, 160)
+    x, weight, bias, residual = torch.randn(rows, 96), torch.randn(160, 96), torch.randn(160), torch.randn(rows, 160)
     arrays = kernels.as_array(weight), kernels.as_array(bias)
     with torch.no_grad():
         assert kernels.applies(x, weight)
         torch.testing.assert_close(kernels.product(x, *arrays), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-        got = kernels.product(x, *arrays, scale=kernels.as_array(scale), residual=residual)
-        torch.testing.assert_close(got, residual + scale * F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        got = kernels.product(x, *arrays, residual=residual)
+        torch.testing.assert_close(got, residual + F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         # Non-finite inputs propagate as in torch (no fast-math assumption about them).
         x[0, 3] = math.inf
         assert torch.isinf(kernels.product(x, arrays[0])[0]).any()
@@ -92,3 +91,39 @@ def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeyp
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_layer_step_equals_torchs_ops(rows, monkeypatch):
+    """The one-call layer (`kernels.layer_step`) against torch's ops (no kernel), grouped-query attention
+    with attn_dim != d_model, rows at different positions and one with hidden leading keys."""
+    torch.manual_seed(3)
+    transformer = Transformer(d_model=48, num_heads=4, num_layers=2, dim_feedforward=80, attn_dim=64, num_kv_heads=2)
+    for p in transformer.parameters():
+        p.data.normal_(0, 0.2)
+    transformer.eval()
+
+    def states():
+        made = [layer.self_attn.init_linear_state(rows, 32) for layer in transformer.layers]
+        for s in made:
+            s["cache"].normal_()
+            s["offset"].copy_(torch.tensor([9, 4, 17][:rows]))
+            s["pad"].copy_(torch.tensor([0, 2, 5][:rows]))
+        return made
+
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        fused_states, plain_states = states(), states()
+        torch.manual_seed(4)  # same caches for both
+        for a, b in zip(fused_states, plain_states):
+            b["cache"].copy_(a["cache"])
+        layers = transformer._step_layers()
+        assert all(layer.fused is not None for layer in layers)
+        fused = [transformer.step(x, fused_states) for _ in range(3)]
+        monkeypatch.setattr(kernels, "applies", lambda *args: False)
+        plain = [transformer.step(x, plain_states) for _ in range(3)]
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_states, plain_states):
+        torch.testing.assert_close(a["cache"], b["cache"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(a["offset"], b["offset"])

@@ -1,18 +1,18 @@
-"""numba kernels for a generated frame's few rows: weight products and cached attention,
-each reading its weights or keys once, front to back.
+"""numba kernels for a generated frame's few rows (one per stream): weight products, attention
+over the cache, and a whole backbone layer in one call.
 
-A generated frame multiplies one row per stream by every weight of the backbone and the flow
-head, so those products cost what reading the weights costs. MKL's and oneDNN's kernels for
-them walk 4-8 weight rows at once, interleaved streams that this CPU's prefetchers follow at
-~8 GB/s on a 1 MB weight; reading one weight row after the other runs at the ~18 GB/s of a
-plain `sum` (one EPYC Zen 4 core, weights not in cache, one row, ours against the faster of
-MKL and oneDNN: 192x192 16 against 31 us, 512x512 64 against 105, 1536x512 152 against 263,
-4096x1024 808 against 1018; two rows of 4096x1024 755 against 1627). From 8 rows on the
-library kernels catch up (1536x512: 531 against 448 us), so more rows take them.
+Those products cost what reading the weights costs. MKL's and oneDNN's kernels for them walk
+4-8 weight rows at once, interleaved streams that this CPU's prefetchers follow at ~8 GB/s on a
+1 MB weight; reading one weight row after the other runs at the ~18 GB/s of a plain `sum` (one
+EPYC Zen 4 core, weights not in cache, one row, ours against the faster of MKL and oneDNN:
+192x192 16 against 31 us, 512x512 64 against 105, 1536x512 152 against 263, 4096x1024 808
+against 1018; two rows of 4096x1024 755 against 1627). From 8 rows on the library kernels catch
+up (1536x512: 531 against 448 us), so more rows take them. A small model's layer is ~20 tensor
+ops of 3-15 us each besides its products: `layer_step` does all of it in one call (2M backbone
+1.38 -> 0.51 ms per frame, 7M 2.54 -> 1.58, 18M 5.93 -> 4.57, medians in one process).
 
-The kernel is compiled by numba at its first call (~0.9 s, once per process: prefork workers
-warm up in the parent, see `TTSModel.warmup`), and runs on the calling thread: with more torch
-threads than one the library kernels run in parallel instead.
+The kernels run on the calling thread: with more torch threads than one the library kernels run
+in parallel instead (`applies`).
 """
 
 from __future__ import annotations
@@ -30,56 +30,34 @@ _NONE_2D = np.zeros((0, 0), dtype=_F32)
 
 # reassoc lets LLVM vectorise the dot products (its own summation order, like any BLAS); no other
 # fast-math flag, so infinities and NaNs propagate as in torch.
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
-def _rows_by_weight(x, weight, bias, scale, residual, out):  # pragma: no cover (compiled)
-    """out[j, r] = residual[j, r] + scale[r] * (x[j] . weight[r] + bias[r]); empty arrays: no such term."""
+_FAST = {"reassoc", "contract"}
+
+
+def _kernel(fn):
+    """fn compiled by numba, the machine code cached on disk (beside this file, else in the user's
+    cache directory, or NUMBA_CACHE_DIR): compiling all of them takes ~6 s, loading ~0.1 s."""
+    try:
+        return numba.njit(fastmath=_FAST, nogil=True, cache=True)(fn)
+    except RuntimeError:  # numba found no writable cache directory: compile in each process
+        return numba.njit(fastmath=_FAST, nogil=True)(fn)
+
+
+@_kernel
+def _rows_by_weight(x, weight, bias, residual, out):  # pragma: no cover (compiled)
+    """out[j, r] = residual[j, r] + x[j] . weight[r] + bias[r]; an empty bias or residual: no such term."""
     rows, width = x.shape
     for r in range(weight.shape[0]):
         w = weight[r]
         b = bias[r] if bias.shape[0] else _F32(0.0)
-        s = scale[r] if scale.shape[0] else _F32(1.0)
         for j in range(rows):
             xj = x[j]
             acc = _F32(0.0)
             for c in range(width):
                 acc += w[c] * xj[c]
-            value = (acc + b) * s
-            out[j, r] = residual[j, r] + value if residual.shape[0] else value
+            out[j, r] = residual[j, r] + acc + b if residual.shape[0] else acc + b
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
-    """Whether the kernels should take rows x (and their product with weight, or attention over
-    the cache `weight`): few float32 rows (`max_rows`, None: any number) on one thread, no autograd."""
-    return (
-        x.dim() == 2
-        and (max_rows is None or x.shape[0] <= max_rows)
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and torch.get_num_threads() == 1
-    )
-
-
-def as_array(t: torch.Tensor | None, empty: np.ndarray = _NONE_1D) -> np.ndarray:
-    """A contiguous float32 tensor as the kernel's array (shared memory), `empty` for None."""
-    return empty if t is None else t.detach().contiguous().numpy()
-
-
-def product(
-    x: torch.Tensor,
-    weight: np.ndarray,
-    bias: np.ndarray = _NONE_1D,
-    scale: np.ndarray = _NONE_1D,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """residual + scale * (x @ weight.T + bias) for x [rows, in] (see `applies`); weight [out, in]."""
-    out = torch.empty(x.shape[0], weight.shape[0])
-    _rows_by_weight(as_array(x, _NONE_2D), weight, bias, scale, as_array(residual, _NONE_2D), out.numpy())
-    return out
-
-
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+@_kernel
 def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (compiled)
     """out[b, h, g] = softmax over t in [first[b], last[b]] of queries[b, h, g] . keys[b, h, t], times values.
 
@@ -115,6 +93,91 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
                     o[d] /= total
 
 
+@_kernel
+def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover (compiled)
+    rows, width = x.shape
+    for j in range(rows):
+        mean = _F32(0.0)
+        for c in range(width):
+            mean += x[j, c]
+        mean /= width
+        var = _F32(0.0)
+        for c in range(width):
+            delta = x[j, c] - mean
+            var += delta * delta
+        inv = _F32(1.0) / np.sqrt(var / width + eps)
+        for c in range(width):
+            out[j, c] = (x[j, c] - mean) * inv * weight[c] + bias[c]
+
+
+@_kernel
+def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotation, cache, first, last, heads, out):  # pragma: no cover (compiled)
+    """One pre-norm transformer layer for one new position per row (see `layer_step`)."""
+    rows, width = x.shape
+    kv_heads, dim = cache.shape[2], cache.shape[4]
+    group, half = heads // kv_heads, dim // 2
+    h = np.empty((rows, width), dtype=_F32)
+    _layer_norm_rows(x, norm1[0], norm1[1], eps, h)
+    qkv = np.empty((rows, in_proj.shape[0]), dtype=_F32)
+    _rows_by_weight(h, in_proj, _NONE_1D, _NONE_2D, qkv)
+    queries = np.empty((rows, kv_heads, group, dim), dtype=_F32)
+    for j in range(rows):
+        turn = rotation[j if rotation.shape[0] > 1 else 0]
+        for head in range(heads + kv_heads):  # queries then keys: rotate each channel pair
+            base = head * dim
+            for p in range(half):
+                a, b = qkv[j, base + 2 * p], qkv[j, base + 2 * p + 1]
+                cos, sin = turn[head, p, 0], turn[head, p, 1]
+                qkv[j, base + 2 * p] = a * cos - b * sin
+                qkv[j, base + 2 * p + 1] = a * sin + b * cos
+        for head in range(heads):
+            for d in range(dim):
+                queries[j, head // group, head % group, d] = qkv[j, head * dim + d]
+        at = last[j]
+        for head in range(kv_heads):
+            for d in range(dim):
+                cache[0, j, head, at, d] = qkv[j, (heads + head) * dim + d]
+                cache[1, j, head, at, d] = qkv[j, (heads + kv_heads + head) * dim + d]
+    attended = np.empty((rows, kv_heads, group, dim), dtype=_F32)
+    _attend_rows(queries, cache[0], cache[1], first, last, attended)
+    mid = np.empty((rows, width), dtype=_F32)
+    _rows_by_weight(attended.reshape(rows, heads * dim), out_proj, _NONE_1D, x, mid)
+    _layer_norm_rows(mid, norm2[0], norm2[1], eps, h)
+    hidden = np.empty((rows, linear1.shape[0]), dtype=_F32)
+    _rows_by_weight(h, linear1, _NONE_1D, _NONE_2D, hidden)
+    for j in range(rows):  # GELU, tanh approximation
+        for c in range(hidden.shape[1]):
+            v = hidden[j, c]
+            hidden[j, c] = _F32(0.5) * v * (_F32(1.0) + np.tanh(_F32(0.7978845608028654) * (v + _F32(0.044715) * v * v * v)))
+    _rows_by_weight(hidden, linear2, _NONE_1D, mid, out)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
+    """Whether the kernels should take rows x (and their product with weight, or attention over
+    the cache `weight`): few float32 rows (`max_rows`, None: any number) on one thread, no autograd."""
+    return (
+        x.dim() == 2
+        and (max_rows is None or x.shape[0] <= max_rows)
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and torch.get_num_threads() == 1
+    )
+
+
+def as_array(t: torch.Tensor | None, empty: np.ndarray = _NONE_1D) -> np.ndarray:
+    """A contiguous float32 tensor as the kernel's array (shared memory), `empty` for None."""
+    return empty if t is None else t.detach().contiguous().numpy()
+
+
+def product(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray = _NONE_1D, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + x @ weight.T + bias for x [rows, in] (see `applies`); weight [out, in]."""
+    out = torch.empty(x.shape[0], weight.shape[0])
+    _rows_by_weight(as_array(x, _NONE_2D), weight, bias, as_array(residual, _NONE_2D), out.numpy())
+    return out
+
+
 def attend(queries: torch.Tensor, cache: np.ndarray, first: np.ndarray, last: np.ndarray) -> torch.Tensor:
     """Each row's queries [B, KV, G, D] (scaled) against its cached positions first..last (inclusive).
 
@@ -122,4 +185,18 @@ def attend(queries: torch.Tensor, cache: np.ndarray, first: np.ndarray, last: np
     """
     out = torch.empty(queries.shape)
     _attend_rows(as_array(queries), cache[0], cache[1], first, last, out.numpy())
+    return out
+
+
+def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: np.ndarray, first: np.ndarray, last: np.ndarray, heads: int) -> torch.Tensor:
+    """x + attention + feed-forward of one float32 pre-norm layer (no biases, no layer scale) for x [B, d]:
+    LayerNorm, projection, RoPE (`rotation` [B or 1, heads + kv_heads, head_dim / 2, (cos, sin)]),
+    the new key and value written at position last[b] of `cache` ([2, B, KV, T, D], the
+    memory of `transformer.linear_cache`), attention over positions first[b]..last[b], output
+    projection and residual, LayerNorm, GELU feed-forward and residual, all in one call.
+
+    `weights`: (norm1 (weight, bias), norm2 (weight, bias), eps, in_proj, out_proj, linear1, linear2) as arrays.
+    """
+    out = torch.empty(x.shape)
+    _layer_step(as_array(x, _NONE_2D), *weights, rotation, cache, first, last, heads, out.numpy())
     return out
