@@ -159,3 +159,28 @@ def test_requests_arriving_together_are_prompted_in_one_forward(parity_model, vo
     finally:
         batcher.close()
     assert prompted_rows == [1, 2, 1]  # "Go.", then the two same-length texts in one call, then the other
+
+
+def test_the_decoder_runs_every_other_step_after_a_streams_first_frame(parity_model, voices, monkeypatch):
+    """A lone stream: its first frame decoded at once, then two frames per decoder call (an odd
+    last frame alone), and the same audio as one call per frame."""
+    calls = []
+    decode = parity_model.mimi.decode
+
+    def recorded_decode(latents, state):
+        calls.append(latents.shape[1])
+        return decode(latents, state)
+
+    expected = parity_model.generate_audio(voices["voice_24k"], "Hello there.", temp=0.0)
+    monkeypatch.setattr(parity_model.mimi, "decode", recorded_decode)
+    batcher = BatchedSynthesizer(parity_model, max_batch=2)
+    pieces = []
+    try:
+        audio = batcher.submit(voices["voice_24k"], "Hello there.", temp=0.0, on_audio=pieces.append).result(timeout=120)
+    finally:
+        batcher.close()
+    assert audio.shape == expected.shape and (audio - expected).abs().max().item() < TOL
+    frames = sum(calls)  # every generated frame once, the last step's dropped latent included
+    assert calls == [1] + [2] * ((frames - 1) // 2) + [1] * ((frames - 1) % 2)
+    frame_size = parity_model.mimi.frame_size
+    assert [p.numel() for p in pieces[:2]] == [frame_size, 2 * frame_size]
