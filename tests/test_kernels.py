@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pocket_tts.models import kernels
+from pocket_tts.models.flow_lm import FlowHead
 from pocket_tts.models.onednn import Projection
 from pocket_tts.models.transformer import Transformer, linear_cache
 
@@ -127,3 +128,21 @@ def test_fused_layer_step_equals_torchs_ops(rows, monkeypatch):
     for a, b in zip(fused_states, plain_states):
         torch.testing.assert_close(a["cache"], b["cache"], rtol=1e-5, atol=1e-5)
         assert torch.equal(a["offset"], b["offset"])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_head_velocity_equals_torchs_ops(rows, monkeypatch):
+    """`kernels.head_velocity` (the flow head's MLP in one call) against torch's ops."""
+    torch.manual_seed(5)
+    head = FlowHead(latent_dim=8, dim=24, cond_dim=16, depth=3, kind="lsd")
+    for p in head.parameters():
+        p.data.normal_(0, 0.3)
+    for name, buffer in head.named_buffers():
+        buffer.copy_(torch.rand_like(buffer))
+    y, x = torch.randn(rows, 24), torch.randn(rows, 8)
+    with torch.no_grad():
+        tables = head.tables(2)
+        fused = head.velocity(y, x, tables)
+        monkeypatch.setattr(kernels, "applies", lambda *args, **kwargs: False)
+        plain = head.velocity(y, x, tables)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -152,6 +152,51 @@ def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotat
     _rows_by_weight(hidden, linear2, _NONE_1D, mid, out)
 
 
+@_kernel
+def _head_velocity(y, x, modulation, input_proj, norms, inners, outers, final, eps, out):  # pragma: no cover (compiled)
+    """The flow head's MLP (see `head_velocity`); each linear a (weight, bias) pair, `norms` the
+    blocks' (weight, bias), the final norm affine-free."""
+    rows, dim = y.shape
+    act = np.empty((rows, dim), dtype=_F32)
+    for j in range(rows):
+        for c in range(dim):
+            v = y[j, c]
+            act[j, c] = v / (_F32(1.0) + np.exp(-v))
+    mods = np.empty((rows, modulation[0].shape[0]), dtype=_F32)
+    _rows_by_weight(act, modulation[0], modulation[1], _NONE_2D, mods)
+    h = np.empty((rows, dim), dtype=_F32)
+    _rows_by_weight(x, input_proj[0], input_proj[1], _NONE_2D, h)
+    normed = np.empty((rows, dim), dtype=_F32)
+    inner = np.empty((rows, dim), dtype=_F32)
+    for i in range(len(inners)):
+        _layer_norm_rows(h, norms[i][0], norms[i][1], eps, normed)
+        for j in range(rows):
+            for c in range(dim):  # shift + norm * (1 + scale)
+                normed[j, c] = mods[j, 3 * i * dim + c] + normed[j, c] * mods[j, (3 * i + 1) * dim + c]
+        _rows_by_weight(normed, inners[i][0], inners[i][1], _NONE_2D, inner)
+        for j in range(rows):
+            for c in range(dim):
+                v = inner[j, c]
+                inner[j, c] = v / (_F32(1.0) + np.exp(-v))
+        _rows_by_weight(inner, outers[i][0], outers[i][1], _NONE_2D, normed)
+        for j in range(rows):
+            for c in range(dim):  # x + gate * mlp
+                h[j, c] += mods[j, (3 * i + 2) * dim + c] * normed[j, c]
+    last = 3 * len(inners) * dim
+    for j in range(rows):
+        mean = _F32(0.0)
+        for c in range(dim):
+            mean += h[j, c]
+        mean /= dim
+        var = _F32(0.0)
+        for c in range(dim):
+            var += (h[j, c] - mean) * (h[j, c] - mean)
+        inv = _F32(1.0) / np.sqrt(var / dim + eps)
+        for c in range(dim):
+            normed[j, c] = mods[j, last + c] + (h[j, c] - mean) * inv * mods[j, last + dim + c]
+    _rows_by_weight(normed, final[0], final[1], _NONE_2D, out)
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
     """Whether the kernels should take rows x (and their product with weight, or attention over
     the cache `weight`): few float32 rows (`max_rows`, None: any number) on one thread, no autograd."""
@@ -199,4 +244,15 @@ def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: np.
     """
     out = torch.empty(x.shape)
     _layer_step(as_array(x, _NONE_2D), *weights, rotation, cache, first, last, heads, out.numpy())
+    return out
+
+
+def head_velocity(y: torch.Tensor, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """The flow head's MLP over x [B, latent_dim] under condition y [B, dim] in one call (`FlowHead.velocity`).
+
+    `weights`: (modulation, input_proj, norms, inners, outers, final, eps) as arrays: each linear
+    (weight, bias); norms, inners and outers tuples with one entry per block.
+    """
+    out = torch.empty(x.shape[0], weights[5][0].shape[0])
+    _head_velocity(as_array(y, _NONE_2D), as_array(x, _NONE_2D), *weights, out.numpy())
     return out
