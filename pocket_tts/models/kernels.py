@@ -153,15 +153,19 @@ def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotat
 
 
 @_kernel
+def _silu_rows(x):  # pragma: no cover (compiled)
+    for j in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            x[j, c] = x[j, c] / (_F32(1.0) + np.exp(-x[j, c]))
+
+
+@_kernel
 def _head_velocity(y, x, modulation, input_proj, norms, inners, outers, final, eps, out):  # pragma: no cover (compiled)
     """The flow head's MLP (see `head_velocity`); each linear a (weight, bias) pair, `norms` the
     blocks' (weight, bias), the final norm affine-free."""
     rows, dim = y.shape
-    act = np.empty((rows, dim), dtype=_F32)
-    for j in range(rows):
-        for c in range(dim):
-            v = y[j, c]
-            act[j, c] = v / (_F32(1.0) + np.exp(-v))
+    act = y.copy()
+    _silu_rows(act)
     mods = np.empty((rows, modulation[0].shape[0]), dtype=_F32)
     _rows_by_weight(act, modulation[0], modulation[1], _NONE_2D, mods)
     h = np.empty((rows, dim), dtype=_F32)
@@ -174,26 +178,16 @@ def _head_velocity(y, x, modulation, input_proj, norms, inners, outers, final, e
             for c in range(dim):  # shift + norm * (1 + scale)
                 normed[j, c] = mods[j, 3 * i * dim + c] + normed[j, c] * mods[j, (3 * i + 1) * dim + c]
         _rows_by_weight(normed, inners[i][0], inners[i][1], _NONE_2D, inner)
-        for j in range(rows):
-            for c in range(dim):
-                v = inner[j, c]
-                inner[j, c] = v / (_F32(1.0) + np.exp(-v))
+        _silu_rows(inner)
         _rows_by_weight(inner, outers[i][0], outers[i][1], _NONE_2D, normed)
         for j in range(rows):
             for c in range(dim):  # x + gate * mlp
                 h[j, c] += mods[j, (3 * i + 2) * dim + c] * normed[j, c]
     last = 3 * len(inners) * dim
+    _layer_norm_rows(h, np.ones(dim, dtype=_F32), np.zeros(dim, dtype=_F32), eps, normed)  # affine-free
     for j in range(rows):
-        mean = _F32(0.0)
         for c in range(dim):
-            mean += h[j, c]
-        mean /= dim
-        var = _F32(0.0)
-        for c in range(dim):
-            var += (h[j, c] - mean) * (h[j, c] - mean)
-        inv = _F32(1.0) / np.sqrt(var / dim + eps)
-        for c in range(dim):
-            normed[j, c] = mods[j, last + c] + (h[j, c] - mean) * inv * mods[j, last + dim + c]
+            normed[j, c] = mods[j, last + c] + normed[j, c] * mods[j, last + dim + c]
     _rows_by_weight(normed, final[0], final[1], _NONE_2D, out)
 
 
