@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pocket_tts.batching import BatchedSynthesizer
+from pocket_tts.batching import DECODE_FRAMES, BatchedSynthesizer
 
 TOL = 1e-4
 
@@ -161,9 +161,9 @@ def test_requests_arriving_together_are_prompted_in_one_forward(parity_model, vo
     assert prompted_rows == [1, 2, 1]  # "Go.", then the two same-length texts in one call, then the other
 
 
-def test_the_decoder_runs_every_other_step_after_a_streams_first_frame(parity_model, voices, monkeypatch):
-    """A lone stream: its first frame decoded at once, then two frames per decoder call (an odd
-    last frame alone), and the same audio as one call per frame."""
+def test_the_decoder_runs_on_groups_of_frames_after_a_streams_first_frame(parity_model, voices, monkeypatch):
+    """A lone stream: its first frame decoded at once, then DECODE_FRAMES per decoder call (the
+    rest at its end), and the same audio as one call per frame."""
     calls = []
     decode = parity_model.mimi.decode
 
@@ -181,6 +181,7 @@ def test_the_decoder_runs_every_other_step_after_a_streams_first_frame(parity_mo
         batcher.close()
     assert audio.shape == expected.shape and (audio - expected).abs().max().item() < TOL
     frames = sum(calls)  # every generated frame once, the last step's dropped latent included
-    assert calls == [1] + [2] * ((frames - 1) // 2) + [1] * ((frames - 1) % 2)
+    groups, rest = divmod(frames - 1, DECODE_FRAMES)
+    assert calls == [1] + [DECODE_FRAMES] * groups + [rest] * (rest > 0)
     frame_size = parity_model.mimi.frame_size
-    assert [p.numel() for p in pieces[:2]] == [frame_size, 2 * frame_size]
+    assert [p.numel() for p in pieces[:2]] == [frame_size, DECODE_FRAMES * frame_size]
