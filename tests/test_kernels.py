@@ -12,6 +12,15 @@ from pocket_tts.models.onednn import Projection
 from pocket_tts.models.transformer import Transformer, linear_cache
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernels serve one-thread processes (`kernels.applies`), the engine's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_product_matches_linear_with_bias_and_residual(rows):
     torch.manual_seed(0)
