@@ -218,6 +218,7 @@ interrupt_mid_job() {  # interrupt_mid_job "docker stop --time 90" | "docker kil
     local action=$1 job first second container t_stop t_redo
     # One container sends and watches: a second `docker-compose run` would start seconds into the job.
     local watch_file=$E2E/watch-$(date +%s%N).txt
+    : >"$watch_file"  # exists before the first read: the watcher below creates it only when it starts (set -e)
     client send-watch "$LONG_TEXT" $((VISIBILITY + 120)) >"$watch_file" 2>&1 </dev/null &
     local watcher=$!
     for _ in $(seq 600); do
