@@ -52,7 +52,10 @@ client() {  # the e2e client inside the stack's network, as the app user of the 
     compose run --rm --no-deps -T -v "$E2E/compose_e2e_client.py:/tmp/compose_e2e_client.py:ro" worker \
         python /tmp/compose_e2e_client.py "$@"
 }
-worker_containers() { docker ps -q --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=worker" "$@"; }
+worker_containers() {  # the scaled workers, not one-off `run` containers of the same service
+    docker ps -q --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=worker" \
+        --filter "label=com.docker.compose.oneoff=False" "$@"
+}
 
 # ---- a Docker engine -----------------------------------------------------------------------------
 command -v docker >/dev/null || skip "the docker CLI is not installed (Debian: apt-get install docker.io docker-compose)"
