@@ -140,25 +140,13 @@ class FlowHead(nn.Module):
         # the oneDNN-packed copy that `Projection` reads, shared by forked workers).
         weight = torch.cat([lin.weight for lin in linears])
         bias = torch.cat([lin.bias + one for lin, one in zip(linears, plus_one)])
-        blocks = self.res_blocks
-        fused = (
-            (kernels.as_array(weight), kernels.as_array(bias)),
-            _arrays(self.input_proj),
-            tuple((kernels.as_array(b.in_ln.weight), kernels.as_array(b.in_ln.bias)) for b in blocks),
-            tuple(_arrays(b.mlp[0]) for b in blocks),
-            tuple(_arrays(b.mlp[2]) for b in blocks),
-            _arrays(self.final_layer.linear),
-            np.float32(HEAD_NORM_EPS),
-        )
-        return HeadTables(
-            times,
-            Projection(weight, bias, owned=True),
-            _projection_of(self.cond_embed),
-            _projection_of(self.input_proj),
-            [(_projection_of(block.mlp[0]), _projection_of(block.mlp[2])) for block in blocks],
-            _projection_of(self.final_layer.linear),
-            fused,
-        )
+        modulation = Projection(weight, bias, owned=True)
+        mlps = [(_projection_of(b.mlp[0]), _projection_of(b.mlp[2])) for b in self.res_blocks]
+        input_proj, final = _projection_of(self.input_proj), _projection_of(self.final_layer.linear)
+        norms = tuple((kernels.as_array(b.in_ln.weight), kernels.as_array(b.in_ln.bias)) for b in self.res_blocks)
+        inners, outers = tuple(inner.arrays for inner, _ in mlps), tuple(outer.arrays for _, outer in mlps)
+        fused = (modulation.arrays, input_proj.arrays, norms, inners, outers, final.arrays, np.float32(HEAD_NORM_EPS))
+        return HeadTables(times, modulation, _projection_of(self.cond_embed), input_proj, mlps, final, fused)
 
     def velocity(self, y: torch.Tensor, x: torch.Tensor, tables: HeadTables) -> torch.Tensor:
         """The head's MLP over x [B, latent_dim] under condition y [B, dim]."""
@@ -190,10 +178,6 @@ class FlowHead(nn.Module):
 
 def _projection_of(linear: nn.Linear) -> Projection:
     return Projection(linear.weight, linear.bias)
-
-
-def _arrays(linear: nn.Linear) -> tuple:
-    return kernels.as_array(linear.weight), kernels.as_array(linear.bias)
 
 
 def _time(value: float) -> torch.Tensor:
