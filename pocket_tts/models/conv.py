@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocket_tts.config import SEANetConfig
+from pocket_tts.models import kernels
 from pocket_tts.models.onednn import PackedWeight, conv1d, conv_transpose1d
 
 ConvState = dict[str, torch.Tensor]
@@ -35,10 +36,13 @@ LOG2E = 1 / math.log(2)
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:
-    """F.elu(x) within 6e-8, about twice as fast: torch's expm1 kernel is slow, exp2 is vectorised.
+    """F.elu(x) of a signal [B, C, T]: in one pass (`kernels.elu`) where it applies, else within 6e-8
+    and about twice as fast as F.elu: torch's expm1 kernel is slow, exp2 is vectorised.
 
     max(x, e^min(x, 0) - 1) is ELU because e^x - 1 >= x everywhere.
     """
+    if kernels.elu_applies(x.transpose(1, 2)):
+        return kernels.elu(x.transpose(1, 2)).transpose(1, 2)
     if torch.is_grad_enabled():
         return F.elu(x)
     e = x.clamp(max=0).mul_(LOG2E).exp2_().sub_(1)
@@ -81,20 +85,33 @@ class StreamingConv1d(nn.Module):
             state["first"] = torch.ones(batch_size, dtype=torch.bool, device=w.device)
         return state
 
-    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ConvState | None = None, activate: bool = False) -> torch.Tensor:
+        """The conv of x, or of elu(x) if `activate` (the SEANet's ELUs: they and the history
+        concatenation are one pass of `kernels.elu` where it applies)."""
         n = self.history
-        if n > 0:
+        if n <= 0:
+            x = elu(x) if activate else x
+        else:
             if state is not None and x.shape[-1] % self.stride:
                 raise ValueError(f"streaming conv input length {x.shape[-1]} is not a multiple of stride {self.stride}")
             state = self.init_state(x.shape[0]) if state is None else state
             prev, x = state["prev"], x.transpose(1, 2)
+            joined = None
+            if activate and kernels.elu_applies(x):
+                joined = kernels.elu(x, history=n)  # its first n rows are ours to fill
+                x = joined[:, n:]
+            elif activate:
+                x = elu(x.transpose(1, 2)).transpose(1, 2)
             if self.pad_mode == "replicate":
                 # Rows on their first call pad with their first frame.
                 prev = torch.where(state["first"].view(-1, 1, 1), x[:, :1], prev)
                 state["first"] = torch.zeros_like(state["first"])
-            x = torch.cat((prev, x), dim=1)
-            state["prev"] = x[:, x.shape[1] - n :]
-            x = x.transpose(1, 2)
+            if joined is None:
+                joined = torch.cat((prev, x), dim=1)
+            else:
+                joined[:, :n] = prev
+            state["prev"] = joined[:, joined.shape[1] - n :]
+            x = joined.transpose(1, 2)
         return conv1d(self.packed, x, self.conv.weight, self.conv.bias, self.stride, self.dilation)
 
 
@@ -124,7 +141,9 @@ class StreamingConvTranspose1d(nn.Module):
         partial = torch.zeros(batch_size, self.overlap, self.convtr.out_channels, device=w.device, dtype=w.dtype)
         return {"partial": partial}
 
-    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: ConvState | None = None, activate: bool = False) -> torch.Tensor:
+        """The transposed conv of x, or of elu(x) if `activate`."""
+        x = elu(x) if activate else x
         c = self.convtr
         if self.depthwise:
             y = _depthwise_transposed(x, c.weight, c.stride[0])
@@ -180,13 +199,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:
         s1, s3 = (None, None) if state is None else state
-        h = self.block[1](elu(x), s1)
-        h = self.block[3](elu(h), s3)
+        h = self.block[1](x, s1, activate=True)
+        h = self.block[3](h, s3, activate=True)
         return x + h
 
 
 class _SEANet(nn.Module):
-    """A flat `model` list run in order; ELUs are parameterless placeholders in it."""
+    """A flat `model` list run in order; ELUs are parameterless placeholders in it, each applied
+    by the conv after it (`activate`)."""
 
     model: nn.ModuleList
 
@@ -194,9 +214,12 @@ class _SEANet(nn.Module):
         return [None if isinstance(layer, nn.ELU) else layer.init_state(batch_size) for layer in self.model]
 
     def forward(self, x: torch.Tensor, state: list | None = None) -> torch.Tensor:
+        activate = False
         for i, layer in enumerate(self.model):
             if isinstance(layer, nn.ELU):
-                x = elu(x)
+                activate = True
+            elif activate:
+                x, activate = layer(x, None if state is None else state[i], activate=True), False
             else:
                 x = layer(x, None if state is None else state[i])
         return x
