@@ -47,6 +47,17 @@ def checkout_commands(tmp_path_factory) -> Path:
         os.environ["PYTHONPATH"] = old_path
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as the engine runs by default (POCKET_TTS_NUM_THREADS=1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
     found = find_parity_dir()

@@ -11,13 +11,8 @@ from pocket_tts.models import kernels
 from pocket_tts.models.conv import SEANetDecoder, SEANetEncoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernel serves one-thread processes (`kernels.elu_applies`), the engine's default."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The kernels serve one-thread processes (`kernels.applies`), the engine's default.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:

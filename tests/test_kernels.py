@@ -12,13 +12,8 @@ from pocket_tts.models.onednn import Projection
 from pocket_tts.models.transformer import Transformer, linear_cache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernels serve one-thread processes (`kernels.applies`), the engine's default."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The kernels serve one-thread processes (`kernels.applies`), the engine's default.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
