@@ -16,13 +16,13 @@ from pocket_tts.models.transformer import Transformer, linear_cache
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 8])  # 7 and 8: blocks of four rows, then single rows
 def test_product_matches_linear_with_bias_and_residual(rows):
     torch.manual_seed(0)
     x, weight, bias, residual = torch.randn(rows, 96), torch.randn(160, 96), torch.randn(160), torch.randn(rows, 160)
     arrays = kernels.as_array(weight), kernels.as_array(bias)
     with torch.no_grad():
-        assert kernels.applies(x, weight)
+        assert kernels.applies(x, weight, kernels.row_limit(96))
         torch.testing.assert_close(kernels.product(x, *arrays), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         got = kernels.product(x, *arrays, residual=residual)
         torch.testing.assert_close(got, residual + F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
@@ -36,10 +36,11 @@ def test_projection_takes_the_kernel_only_where_it_applies():
     weight, bias = torch.randn(64, 32), torch.randn(64)
     projection = Projection(weight, bias)
     with torch.no_grad():
-        for rows in (1, 4, 5, 16):  # 5 and 16 rows: the library kernels
+        for rows in (1, 4, 8, 9, 16):  # narrow rows: up to 8 take the kernel
             x, residual = torch.randn(rows, 32), torch.randn(rows, 64)
-            assert kernels.applies(x, weight) == (rows <= kernels.MAX_ROWS)
+            assert kernels.applies(x, weight, kernels.row_limit(32)) == (rows <= 8)
             torch.testing.assert_close(projection(x, residual=residual), residual + F.linear(x, weight, bias))
+    assert kernels.row_limit(kernels.NARROW_WIDTH + 1) == kernels.MAX_ROWS == 4  # wide rows: 5 no longer fit
     x = torch.randn(1, 32)
     assert not kernels.applies(x, weight)  # autograd on: torch's ops
     assert not kernels.applies(x.double(), weight.double())
@@ -134,7 +135,7 @@ def test_fused_layer_step_equals_torchs_ops(rows, monkeypatch):
         assert torch.equal(a["offset"], b["offset"])
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8])
 def test_fused_head_velocity_equals_torchs_ops(rows, monkeypatch):
     """`kernels.head_velocity` (the flow head's MLP in one call) against torch's ops."""
     torch.manual_seed(5)
@@ -146,7 +147,35 @@ def test_fused_head_velocity_equals_torchs_ops(rows, monkeypatch):
     y, x = torch.randn(rows, 24), torch.randn(rows, 8)
     with torch.no_grad():
         tables = head.tables(2)
+        calls = []
+        head_velocity = kernels.head_velocity
+        monkeypatch.setattr(kernels, "head_velocity", lambda *args: calls.append(1) or head_velocity(*args))
         fused = head.velocity(y, x, tables)
+        assert calls  # a head 24 wide takes the kernel up to 8 rows
         monkeypatch.setattr(kernels, "applies", lambda *args, **kwargs: False)
         plain = head.velocity(y, x, tables)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_convolutions_take_onednn_without_timing_and_float32_ones_are_timed(monkeypatch):
+    """A bfloat16 decoder meeting a new row or frame count must not stall on timing both kernels
+    (torch's own bfloat16 convolutions never won); float32 ones are timed once per layout."""
+    from pocket_tts.models import onednn
+    from pocket_tts.models.conv import StreamingConv1d
+
+    timed = []
+    best_times = onednn._best_times
+    monkeypatch.setattr(onednn, "_best_times", lambda fns: timed.append(1) or best_times(fns))
+    torch.manual_seed(7)
+    conv = StreamingConv1d(16, 8, 3).eval()
+    x = torch.randn(2, 40, 16).transpose(1, 2)  # time-major, as the decoder's signals
+    with torch.no_grad():
+        want = conv(x)
+        assert timed == [1]
+        conv(x)
+        assert timed == [1]  # once per layout
+        conv.to(torch.bfloat16)
+        got = conv(x.to(torch.bfloat16))
+        conv(torch.randn(5, 24, 16).transpose(1, 2).to(torch.bfloat16))
+    assert timed == [1]
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

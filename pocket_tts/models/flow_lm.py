@@ -150,7 +150,8 @@ class FlowHead(nn.Module):
 
     def velocity(self, y: torch.Tensor, x: torch.Tensor, tables: HeadTables) -> torch.Tensor:
         """The head's MLP over x [B, latent_dim] under condition y [B, dim]."""
-        if kernels.applies(x, y):  # one call instead of ~25 tensor ops
+        # One call instead of ~25 tensor ops (default head, 8 rows: 6.4 -> 4.5 ms).
+        if kernels.applies(x, y, kernels.row_limit(self.dim)):
             return kernels.head_velocity(y, x, tables.fused)
         act = F.silu(y)
         mods = tables.modulation(act).split(self.dim, dim=-1)

@@ -25,6 +25,10 @@ import numpy as np
 import torch
 
 MAX_ROWS = 4
+# Rows up to 512 wide: 8 of them stay in L1 beside a weight row, and the kernel beats the library
+# kernels at 8 rows too (512x512: 131 against 148 us for oneDNN's packed kernel, 190 in place, 205
+# for MKL; 10240x512: 1.84 against 1.99 ms). Wider rows do not fit: 3072x1024 at 8 rows 1.71 against 1.15.
+NARROW_WIDTH, NARROW_MAX_ROWS = 512, 8
 
 _F32 = np.float32
 _NONE_1D = np.zeros(0, dtype=_F32)
@@ -47,17 +51,41 @@ def _kernel(fn):
 
 @_kernel
 def _rows_by_weight(x, weight, bias, residual, out):  # pragma: no cover (compiled)
-    """out[j, r] = residual[j, r] + x[j] . weight[r] + bias[r]; an empty bias or residual: no such term."""
+    """out[j, r] = residual[j, r] + x[j] . weight[r] + bias[r]; an empty bias or residual: no such term.
+
+    Four rows at a time share each load of a weight element (8 rows of the default head's 512x512
+    products: 157 -> 131 us each, against 205 for MKL and 148 for oneDNN's packed kernel).
+    """
     rows, width = x.shape
     for r in range(weight.shape[0]):
         w = weight[r]
         b = bias[r] if bias.shape[0] else _F32(0.0)
-        for j in range(rows):
+        j = 0
+        while j + 4 <= rows:
+            x0, x1, x2, x3 = x[j], x[j + 1], x[j + 2], x[j + 3]
+            a0, a1, a2, a3 = _F32(0.0), _F32(0.0), _F32(0.0), _F32(0.0)
+            for c in range(width):
+                wc = w[c]
+                a0 += wc * x0[c]
+                a1 += wc * x1[c]
+                a2 += wc * x2[c]
+                a3 += wc * x3[c]
+            _put(out, residual, j, r, a0 + b)
+            _put(out, residual, j + 1, r, a1 + b)
+            _put(out, residual, j + 2, r, a2 + b)
+            _put(out, residual, j + 3, r, a3 + b)
+            j += 4
+        for j in range(j, rows):
             xj = x[j]
             acc = _F32(0.0)
             for c in range(width):
                 acc += w[c] * xj[c]
-            out[j, r] = residual[j, r] + acc + b if residual.shape[0] else acc + b
+            _put(out, residual, j, r, acc + b)
+
+
+@_kernel
+def _put(out, residual, j, r, value):  # pragma: no cover (compiled, inlined by LLVM)
+    out[j, r] = residual[j, r] + value if residual.shape[0] else value
 
 
 @_kernel
@@ -302,6 +330,11 @@ def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_RO
         and not torch.is_grad_enabled()
         and torch.get_num_threads() == 1
     )
+
+
+def row_limit(width: int) -> int:
+    """How many rows `width` wide the product kernel takes (see NARROW_WIDTH)."""
+    return NARROW_MAX_ROWS if width <= NARROW_WIDTH else MAX_ROWS
 
 
 def as_array(t: torch.Tensor | None, empty: np.ndarray = _NONE_1D) -> np.ndarray:

@@ -95,7 +95,7 @@ class SharedLinear(nn.Linear):
 def shared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, for few rows through `kernels`, else on oneDNN for weights above SMALL_LINEAR (read
     in place, see `SharedLinear`)."""
-    if kernels.applies(x, weight):
+    if kernels.applies(x, weight, kernels.row_limit(x.shape[-1])):
         return kernels.product(x, kernels.as_array(weight), kernels.as_array(bias))
     if not _fast_linear(weight):
         return F.linear(x, weight, bias)
@@ -121,7 +121,7 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T + bias, plus `residual` when given."""
-        if self.arrays is not None and kernels.applies(x, self.weight):
+        if self.arrays is not None and kernels.applies(x, self.weight, kernels.row_limit(x.shape[-1])):
             return kernels.product(x, *self.arrays, residual=residual)
         if self.packed is not None and not torch.is_grad_enabled():
             out = _ops._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -159,15 +159,23 @@ def conv_transpose1d(packed: PackedWeight, x, weight, bias, stride: int, groups:
 
 
 def _use_onednn(packed: PackedWeight, x: torch.Tensor, weight: torch.Tensor, fast, plain) -> bool:
-    """Whether oneDNN runs this convolution faster than torch's own, timed once per input layout.
+    """Whether oneDNN runs this convolution faster than torch's own.
 
-    Neither wins everywhere: oneDNN is 2-5x faster on the default Mimi decoder's shapes but
-    ~30x slower on the 2M model's first decoder conv (128 -> 192 channels, kernel 3: 4 ms
-    against 0.15 ms). The batch size counts by powers of two: at 32 rows torch's kernel took 36 ms
-    on the 18M decoder's 32 -> 16 channel conv at 24 kHz against oneDNN's 6 ms, whichever won at 1 row.
+    bfloat16: always (torch's own kernels for it won none of 264 timed layouts, every shipped decoder
+    size at 1-32 rows and 1-4 frames: oneDNN 1.02-7.5x faster). Timing each new layout there
+    stalled a batch's stream for up to 1.3 s (8 rows of the default decoder meeting a new frame
+    count), ~8 s over a worker's first 24 streams.
+
+    float32: timed once per input layout. Neither wins everywhere: oneDNN is 2-5x faster on the
+    default Mimi decoder's shapes but ~20x slower on the 2M model's first decoder conv (128 -> 192
+    channels, kernel 3: 4.7 ms against 0.23 ms). The batch size counts by powers of two: at 32 rows
+    torch's kernel took 36 ms on the 18M decoder's 32 -> 16 channel conv at 24 kHz against oneDNN's
+    6 ms, whichever won at 1 row.
     """
     if not _fast(weight):
         return False
+    if weight.dtype == torch.bfloat16:
+        return True
     layout = (x.shape[0].bit_length(), tuple(x.shape[1:]), x.stride()[1:])
     wins = packed.onednn_wins.get(layout)
     if wins is None:
