@@ -151,6 +151,22 @@ class BatchedSynthesizer:
             self._inbox.put(stream)
         return request.future
 
+    def warm_up(self) -> None:
+        """Decode silence at every row-count bucket and frame count the loop will use, before serving.
+
+        A float32 decoder times oneDNN against torch's kernels once per new convolution layout
+        (`onednn._use_onednn`): met mid-stream, that stalled every row of the batch (default
+        decoder, 1-8 rows and 1-4 frames: ~10 s over a worker's first streams). Here it is paid
+        at start-up instead; a bfloat16 decoder has nothing to time and only builds its primitives.
+        """
+        mimi = self.model.mimi
+        sizes = sorted({*(1 << i for i in range(self.max_batch.bit_length())), self.max_batch})
+        with torch.inference_mode():
+            for rows in sizes:
+                state = mimi.init_decoder_state(rows)
+                for frames in range(1, DECODE_FRAMES + 1):
+                    mimi.decode(torch.zeros(rows, frames, mimi.latent_dim), state)
+
     def close(self) -> None:
         """Stop the loop after the streams in flight finish; queued work is still served."""
         with self._lock:

@@ -57,6 +57,8 @@ class Engine:
         model = TTSModel.load_model(language=settings.language, config=settings.config, weights=settings.weights)
         model.warmup(encoder=model.has_voice_cloning)  # packed once, before forking: children share it
         engine = cls(model, describe_model(settings), settings.voice_cache_size, settings.max_batch)
+        if engine._batcher is not None:
+            engine._batcher.warm_up()
         engine.preload_voice(settings)
         return engine
 

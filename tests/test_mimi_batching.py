@@ -147,3 +147,28 @@ def test_a_late_row_sees_its_own_positions_however_long_the_batch_ran(mimi):
     lat = streams["late"]
     audio = torch.cat([mimi.decode(lat[:, i : i + 1], fresh) for i in range(lat.shape[1])], dim=-1)
     assert max_diff(audio, solo(mimi, lat)) <= TOL
+
+
+def test_warm_up_times_every_layout_a_batch_meets(mimi, monkeypatch):
+    """After `BatchedSynthesizer.warm_up`, no row count up to max_batch and no frame count per call
+    makes a float32 convolution stop to time its kernels in the middle of a stream."""
+    from types import SimpleNamespace
+
+    from pocket_tts import batching
+    from pocket_tts.models import onednn
+
+    timed = []
+    best_times = onednn._best_times
+    monkeypatch.setattr(onednn, "_best_times", lambda fns: timed.append(1) or best_times(fns))
+    for module in mimi.modules():  # forget what earlier tests timed
+        if isinstance(getattr(module, "packed", None), onednn.PackedWeight):
+            module.packed.onednn_wins.clear()
+    batching.BatchedSynthesizer(SimpleNamespace(mimi=mimi), max_batch=5).warm_up()
+    assert timed
+    warmed = len(timed)
+    with torch.no_grad():
+        for rows in (1, 3, 5):
+            state = mimi.init_decoder_state(rows)
+            for frames in range(1, batching.DECODE_FRAMES + 1):
+                mimi.decode(torch.randn(rows, frames, 32), state)
+    assert len(timed) == warmed
