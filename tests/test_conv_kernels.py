@@ -1,4 +1,4 @@
-"""The SEANet's one-pass ELU (`kernels.elu`) against F.elu, and the convolutions that take it."""
+"""The SEANet's one-pass ELU (`kernels.elu`) against F.elu, the convolutions that take it, and bfloat16 upsampling."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pocket_tts.config import SEANetConfig
 from pocket_tts.models import kernels
-from pocket_tts.models.conv import SEANetDecoder, SEANetEncoder
+from pocket_tts.models.conv import SEANetDecoder, SEANetEncoder, _depthwise_transposed
 
 
 # The kernels serve one-thread processes (`kernels.applies`), the engine's default.
@@ -117,3 +117,13 @@ def test_encoder_on_the_kernel_matches_torchs_path(monkeypatch):
         monkeypatch.setattr(kernels, "elu_applies", lambda x: False)
         plain = encoder(wav)
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_depthwise_upsampling_rounds_once():
+    """Mimi's upsampling in bfloat16: computed in float32, the exact result rounded once."""
+    torch.manual_seed(5)
+    x, weight = time_major(torch.randn(3, 16, 4)).bfloat16(), torch.randn(16, 1, 8).bfloat16()
+    exact = F.conv_transpose1d(x.float(), weight.float(), stride=4, groups=16)
+    got = _depthwise_transposed(x, weight, 4)  # time-major [B, T_out, C]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.transpose(1, 2), exact.to(torch.bfloat16))

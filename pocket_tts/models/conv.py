@@ -164,7 +164,13 @@ class StreamingConvTranspose1d(nn.Module):
 def _depthwise_transposed(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
     """F.conv_transpose1d(x, weight, stride=stride, groups=C) time-major ([B, T_out, C]), for x
     [B, C, T] and weight [C, 1, K], K a multiple of the stride: each input step scales the kernel
-    and the `K / stride` overlapping pieces are summed (the same products and sums as the conv)."""
+    and the `K / stride` overlapping pieces are summed (the same products and sums as the conv).
+
+    bfloat16 is computed in float32 and rounded once: 3x faster than torch's bfloat16 ops on these
+    strided views (8 rows x 4 frames of the default upsampling: 2.0 -> 0.6 ms), and exact to the rounding.
+    """
+    if x.dtype == torch.bfloat16:
+        return _depthwise_transposed(x.float(), weight.float(), stride).to(x.dtype)
     b, c, t = x.shape
     pieces = weight.shape[-1] // stride
     taps = weight[:, 0].t().reshape(pieces, stride, c)
