@@ -164,7 +164,7 @@ def _use_onednn(packed: PackedWeight, x: torch.Tensor, weight: torch.Tensor, fas
     bfloat16: always (torch's own kernels for it won none of 264 timed layouts, every shipped decoder
     size at 1-32 rows and 1-4 frames: oneDNN 1.02-7.5x faster). Timing each new layout there
     stalled a batch's stream for up to 1.3 s (8 rows of the default decoder meeting a new frame
-    count), ~8 s over a worker's first 24 streams.
+    count), 8.1 s over a worker's first 25 streams.
 
     float32: timed once per input layout. Neither wins everywhere: oneDNN is 2-5x faster on the
     default Mimi decoder's shapes but ~20x slower on the 2M model's first decoder conv (128 -> 192
