@@ -107,13 +107,16 @@ def run_stack(args: argparse.Namespace, logs: Path) -> None:
 
 
 def stop_like_ctrl_c(_signum, _frame) -> None:
-    """SIGTERM: the context managers stop every process of the stack, as for Ctrl-C."""
+    """SIGTERM (and SIGINT): the context managers stop every process of the stack, as for Ctrl-C."""
     raise KeyboardInterrupt
 
 
 def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    # A shell starts a background job with SIGINT ignored, and Python then leaves it so: `kill -INT`
+    # (a test's Ctrl-C) would not stop the stack.
+    signal.signal(signal.SIGINT, stop_like_ctrl_c)
     try:
         local_stack.redis_binary()
         if args.random_weights:
