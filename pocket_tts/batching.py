@@ -286,7 +286,7 @@ class BatchedSynthesizer:
             return
         new_rows = max(rows, min(self.max_batch, max(2 * have_rows, 1)))
         new_len = max(length, have_len)
-        grown = flow_lm.init_state(new_rows, new_len)
+        grown = flow_lm.init_state(new_rows, new_len, flow_lm.cache_dtype)
         for new, old in zip(grown.values(), self._caches):
             n, t = old["cache"].shape[1], old["cache"].shape[2]
             new["cache"][:, :n, :t] = old["cache"]

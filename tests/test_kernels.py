@@ -53,16 +53,18 @@ def test_projection_takes_the_kernel_only_where_it_applies():
         torch.set_num_threads(threads)
 
 
-def test_attend_matches_softmax_attention_over_each_rows_visible_keys():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_matches_softmax_attention_over_each_rows_visible_keys(dtype):
+    """A bfloat16 cache (reduced-precision backbones) is read as its exact float32 values."""
     torch.manual_seed(2)
     batch, kv_heads, group, dim, capacity = 3, 2, 4, 16, 40
-    cache = linear_cache(batch, capacity, kv_heads, dim)
+    cache = linear_cache(batch, capacity, kv_heads, dim, dtype)
     cache.normal_()
     queries = torch.randn(batch, kv_heads, group, dim)
     first, last = torch.tensor([0, 5, 12]), torch.tensor([30, 17, 12])  # the last row sees one key
     with torch.no_grad():
-        got = kernels.attend(queries, cache.transpose(2, 3).numpy(), first.numpy(), last.numpy())
-    keys, values = cache.transpose(2, 3).unbind(0)  # [B, KV, T, D]
+        got = kernels.attend(queries, cache.transpose(2, 3), first.numpy(), last.numpy())
+    keys, values = cache.transpose(2, 3).float().unbind(0)  # [B, KV, T, D]
     positions = torch.arange(capacity)
     hidden = (positions < first[:, None]) | (positions > last[:, None])
     scores = torch.matmul(queries, keys.transpose(2, 3)).masked_fill(hidden[:, None, None], -math.inf)

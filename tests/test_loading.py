@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from pocket_tts.config import load_config
 from pocket_tts.files import ModelFileError
+from pocket_tts.models import kernels
 from pocket_tts.models.tts_model import TTSModel
 from pocket_tts.weights import CheckpointError
 
@@ -198,6 +199,25 @@ def test_reduced_precision_stays_close_to_float32(parity_dir, parity_model, prec
     full = parity_model.generate_audio(voice, "Hello there.")
     assert reduced.shape == full.shape
     assert 0 < (reduced - full).abs().max().item() < 0.2  # a different rounding, not different audio
+
+
+def test_reduced_precision_attends_over_a_bfloat16_cache_and_keeps_voice_states_float32(parity_dir, parity_model, monkeypatch, one_thread):
+    model = TTSModel.load_model(config=parity_dir / "config.yaml", weights=parity_dir / "model.safetensors",
+                                temp=0.0, eos_threshold=1e9, precision="int8")  # fmt: skip
+    assert model.flow_lm.cache_dtype == torch.bfloat16 and parity_model.flow_lm.cache_dtype == torch.float32
+    voice = model.import_voice_state(parity_dir / "voice_state.safetensors")
+    before = {name: layer["cache"].clone() for name, layer in voice.items()}
+    read = []
+    attend = kernels.attend
+    monkeypatch.setattr(kernels, "attend", lambda queries, cache, *rest: read.append(cache.dtype) or attend(queries, cache, *rest))
+    reduced = model.generate_audio(voice, "Hello there.")
+    model.flow_lm.cache_dtype = torch.float32
+    full_cache = model.generate_audio(voice, "Hello there.")
+    assert set(read) == {torch.bfloat16, torch.float32}
+    for name, layer in voice.items():  # the voice state is read, not rounded
+        assert layer["cache"].dtype == torch.float32 and torch.equal(layer["cache"], before[name])
+    assert reduced.shape == full_cache.shape
+    assert 0 < (reduced - full_cache).abs().max().item() < 0.2
 
 
 def test_bfloat16_decoder_stays_close_to_float32(parity_dir, parity_model, monkeypatch):

@@ -227,6 +227,8 @@ class FlowLM(nn.Module):
             attn_dim=tcfg.attn_dim, num_kv_heads=tcfg.num_kv_heads,
         )  # fmt: skip
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
+        # The KV caches of generation (`generation_state`); voice states stay float32, the released format.
+        self.cache_dtype = torch.float32
         # The sampler and EOS heads read a z_dim-wide projection of the backbone output when there is one.
         self.z_proj = None if cfg.z_dim is None else Linear(d, cfg.z_dim, bias=False)
         self.out_eos = nn.Linear(out_dim, 1)
@@ -235,9 +237,9 @@ class FlowLM(nn.Module):
     def layer_names(self) -> list[str]:
         return [f"transformer.layers.{i}.self_attn" for i in range(len(self.transformer.layers))]
 
-    def init_state(self, batch_size: int, capacity: int) -> VoiceState:
+    def init_state(self, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32) -> VoiceState:
         return {
-            name: layer.self_attn.init_linear_state(batch_size, capacity)
+            name: layer.self_attn.init_linear_state(batch_size, capacity, dtype)
             for name, layer in zip(self.layer_names(), self.transformer.layers)
         }
 

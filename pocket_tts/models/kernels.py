@@ -23,6 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from numba.extending import overload
 
 MAX_ROWS = 4
 # Rows up to 512 wide: 8 of them stay in L1 beside a weight row, and the kernel beats the library
@@ -92,7 +93,8 @@ def _put(out, residual, j, r, value):  # pragma: no cover (compiled, inlined by 
 def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (compiled)
     """out[b, h, g] = softmax over t in [first[b], last[b]] of queries[b, h, g] . keys[b, h, t], times values.
 
-    queries / out [B, KV, G, D]: the G query heads that share each key head; keys / values [B, KV, T, D].
+    queries / out [B, KV, G, D]: the G query heads that share each key head; keys / values [B, KV, T, D],
+    float32 or bfloat16 bits (uint16: each element widened as it is read).
     """
     batch, kv_heads, group, dim = queries.shape
     weights = np.empty(keys.shape[2], dtype=_F32)
@@ -106,7 +108,7 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
                 for t in range(lo, hi):
                     acc = _F32(0.0)
                     for d in range(dim):
-                        acc += q[d] * k[t, d]
+                        acc += q[d] * _float32(k[t, d])
                     weights[t] = acc
                     top = max(top, acc)
                 total = _F32(0.0)
@@ -119,7 +121,7 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
                 for t in range(lo, hi):
                     p = weights[t]
                     for d in range(dim):
-                        o[d] += p * v[t, d]
+                        o[d] += p * _float32(v[t, d])
                 for d in range(dim):
                     o[d] /= total
 
@@ -253,6 +255,18 @@ def _from_bfloat16(bits):  # pragma: no cover (compiled)
     return np.uint32(np.uint32(bits) << 16).view(np.float32)
 
 
+def _float32(x):  # pragma: no cover (replaced in compiled code by its overload)
+    raise NotImplementedError("only for numba kernels")
+
+
+@overload(_float32)
+def _float32_overload(x):
+    """A float32 value, or bfloat16 bits (uint16) widened exactly: one kernel serves both caches."""
+    if x == numba.types.uint16:
+        return lambda x: _from_bfloat16(x)
+    return lambda x: x
+
+
 @_kernel
 def _to_bfloat16(x):  # pragma: no cover (compiled)
     """The bfloat16 bits nearest a float32 x that is not NaN, ties to even (torch's rounding)."""
@@ -328,14 +342,14 @@ def elu(x: torch.Tensor, history: int = 0) -> torch.Tensor:
     return out
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = MAX_ROWS, weight_dtypes=(torch.float32,)) -> bool:
     """Whether the kernels should take rows x (and their product with weight, or attention over
     the cache `weight`): few float32 rows (`max_rows`, None: any number) on one thread, no autograd."""
     return (
         x.dim() == 2
         and (max_rows is None or x.shape[0] <= max_rows)
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and weight.dtype in weight_dtypes
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and torch.get_num_threads() == 1
@@ -359,13 +373,14 @@ def product(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray = _NONE_1D, re
     return out
 
 
-def attend(queries: torch.Tensor, cache: np.ndarray, first: np.ndarray, last: np.ndarray) -> torch.Tensor:
+def attend(queries: torch.Tensor, cache: torch.Tensor, first: np.ndarray, last: np.ndarray) -> torch.Tensor:
     """Each row's queries [B, KV, G, D] (scaled) against its cached positions first..last (inclusive).
 
-    `cache`: the [2, B, KV, T, D] array of keys and values (`transformer.linear_cache`'s memory).
+    `cache`: the [2, B, KV, T, D] keys and values (`transformer.linear_cache`'s memory), float32 or bfloat16.
     """
     out = torch.empty(queries.shape)
-    _attend_rows(as_array(queries), cache[0], cache[1], first, last, out.numpy())
+    keys_values = cache.view(torch.int16).numpy().view(np.uint16) if cache.dtype == torch.bfloat16 else cache.numpy()
+    _attend_rows(as_array(queries), keys_values[0], keys_values[1], first, last, out.numpy())
     return out
 
 

@@ -172,7 +172,8 @@ class Attention(nn.Module):
             raise ValueError("several positions at once need rows at the same offset")
         if "key_positions" not in tables:
             tables["key_positions"] = torch.arange(end).expand(b, end)
-        return cache[0, :, :end].transpose(1, 2), cache[1, :, :end].transpose(1, 2), tables["key_positions"], state["pad"]
+        keys, values = (part[:, :end].transpose(1, 2).to(k.dtype) for part in cache)  # a bfloat16 cache read in k's dtype
+        return keys, values, tables["key_positions"], state["pad"]
 
     def _append_window(self, state: LayerState, k, v, positions: torch.Tensor):
         keys = torch.cat((state["k"], k.transpose(1, 2)), dim=2)
@@ -321,9 +322,9 @@ class StepLayer:
         queries = q.view(b, kv_heads, heads // kv_heads, head_dim)
         # The kernel at any row count: rows share no keys, and it reads each row's at ~18 GB/s where
         # torch's products read ~8 (8 rows at 321 positions, int8 backbone step: 25-28 -> 17.5-19 ms).
-        if frame["visible"] is not None and kernels.applies(x, cache, max_rows=None):
-            return kernels.attend(queries, cache.transpose(2, 3).numpy(), *frame["visible"]).view(b, heads * head_dim)
-        keys, values = cache.narrow(2, 0, frame["end"]).transpose(2, 3).unbind(0)  # [B, KV, T, D] views
+        if frame["visible"] is not None and kernels.applies(x, cache, None, (torch.float32, torch.bfloat16)):
+            return kernels.attend(queries, cache.transpose(2, 3), *frame["visible"]).view(b, heads * head_dim)
+        keys, values = cache.narrow(2, 0, frame["end"]).transpose(2, 3).to(q.dtype).unbind(0)  # [B, KV, T, D]
         scores = torch.matmul(queries, keys.transpose(2, 3))
         if frame["hidden"] is not None:
             scores.masked_fill_(frame["hidden"], -math.inf)

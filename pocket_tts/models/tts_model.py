@@ -162,6 +162,11 @@ class TTSModel(nn.Module):
         model.eval()
         model.requires_grad_(False)
         lower_backbone_precision(model.flow_lm.transformer, precision)
+        if precision != "float32":
+            # Attention reads every cached key and value each step, at this core's memory bandwidth:
+            # bfloat16 halves the bytes (32 rows x 300 positions, one 18M layer: 2.26 -> 1.40 ms; the
+            # 32-row int8 step 82.7 -> 75.1 ms), a rounding far below the backbone's own.
+            model.flow_lm.cache_dtype = torch.bfloat16
         model.precision = precision
         lower_decoder_precision(model.mimi, decoder_precision)
         model.decoder_precision = decoder_precision
@@ -385,7 +390,7 @@ class TTSModel(nn.Module):
         for name, layer in voice_state.items():
             offset = int(layer["offset"].view(-1)[0])
             old = layer["cache"]
-            cache = linear_cache(old.shape[1], offset + extra_positions, *old.shape[3:], dtype=old.dtype)
+            cache = linear_cache(old.shape[1], offset + extra_positions, *old.shape[3:], dtype=self.flow_lm.cache_dtype)
             cache[:, :, :offset] = old[:, :, :offset]
             state[name] = {"offset": layer["offset"].clone(), "pad": layer["pad"].clone(), "cache": cache}
         return state
