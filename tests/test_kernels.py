@@ -71,13 +71,14 @@ def test_attend_matches_softmax_attention_over_each_rows_visible_keys(dtype):
     torch.testing.assert_close(got, torch.matmul(torch.softmax(scores, dim=-1), values), rtol=1e-5, atol=1e-5)
 
 
-def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeypatch):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeypatch, cache_dtype):
     """Attention has no weight shared by rows: 6 rows at their own offsets and pads take the kernel
-    (the products take the library kernels) and match torch's ops (two threads)."""
+    (the products take the library kernels) and match torch's ops (two threads), over either cache."""
     torch.manual_seed(3)
     model = Transformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64).eval()
     rows = kernels.MAX_ROWS + 2
-    states = [layer.self_attn.init_linear_state(rows, 16) for layer in model.layers]
+    states = [layer.self_attn.init_linear_state(rows, 16, cache_dtype) for layer in model.layers]
     x = torch.randn(rows, 32)
     calls = []
     attend = kernels.attend

@@ -318,7 +318,7 @@ class StepLayer:
         qk = torch.view_as_complex(qk.view(b, heads + kv_heads, head_dim // 2, 2)) * frame["rotation"]
         q, k = torch.view_as_real(qk).view(b, heads + kv_heads, head_dim).split((heads, kv_heads), dim=1)
         cache = state["cache"]
-        cache[frame["at"]] = torch.stack((k, v.view(b, kv_heads, head_dim)))
+        cache[frame["at"]] = torch.stack((k, v.view(b, kv_heads, head_dim))).to(cache.dtype)
         queries = q.view(b, kv_heads, heads // kv_heads, head_dim)
         # The kernel at any row count: rows share no keys, and it reads each row's at ~18 GB/s where
         # torch's products read ~8 (8 rows at 321 positions, int8 backbone step: 25-28 -> 17.5-19 ms).
