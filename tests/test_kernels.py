@@ -62,8 +62,12 @@ def test_attend_matches_softmax_attention_over_each_rows_visible_keys(dtype):
     cache.normal_()
     queries = torch.randn(batch, kv_heads, group, dim)
     first, last = torch.tensor([0, 5, 12]), torch.tensor([30, 17, 12])  # the last row sees one key
+    new = torch.randn(2, batch, kv_heads, dim).to(dtype)  # each row's key and value at its last position
+    want_cache = cache.clone()
+    want_cache[:, torch.arange(batch), last] = new
     with torch.no_grad():
-        got = kernels.attend(queries, cache.transpose(2, 3), first.numpy(), last.numpy())
+        got = kernels.attend(queries, cache.transpose(2, 3), first.numpy(), last.numpy(), new)
+    assert torch.equal(cache, want_cache)
     keys, values = cache.transpose(2, 3).float().unbind(0)  # [B, KV, T, D]
     positions = torch.arange(capacity)
     hidden = (positions < first[:, None]) | (positions > last[:, None])

@@ -318,12 +318,13 @@ class StepLayer:
         qk = torch.view_as_complex(qk.view(b, heads + kv_heads, head_dim // 2, 2)) * frame["rotation"]
         q, k = torch.view_as_real(qk).view(b, heads + kv_heads, head_dim).split((heads, kv_heads), dim=1)
         cache = state["cache"]
-        cache[frame["at"]] = torch.stack((k, v.view(b, kv_heads, head_dim))).to(cache.dtype)
+        new = torch.stack((k, v.view(b, kv_heads, head_dim))).to(cache.dtype)
         queries = q.view(b, kv_heads, heads // kv_heads, head_dim)
         # The kernel at any row count: rows share no keys, and it reads each row's at ~18 GB/s where
         # torch's products read ~8 (8 rows at 321 positions, int8 backbone step: 25-28 -> 17.5-19 ms).
         if frame["visible"] is not None and kernels.applies(x, cache, None, (torch.float32, torch.bfloat16)):
-            return kernels.attend(queries, cache.transpose(2, 3), *frame["visible"]).view(b, heads * head_dim)
+            return kernels.attend(queries, cache.transpose(2, 3), *frame["visible"], new).view(b, heads * head_dim)
+        cache[frame["at"]] = new
         keys, values = cache.narrow(2, 0, frame["end"]).transpose(2, 3).to(q.dtype).unbind(0)  # [B, KV, T, D]
         scores = torch.matmul(queries, keys.transpose(2, 3))
         if frame["hidden"] is not None:
