@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +187,11 @@ def test_bfloat16_convolutions_take_onednn_without_timing_and_float32_ones_are_t
         conv(torch.randn(5, 24, 16).transpose(1, 2).to(torch.bfloat16))
     assert timed == [1]
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_softmax_exp_is_within_two_ulp_of_exp():
+    """The attention kernel's vectorisable exp (numba's np.exp is a scalar libm call)."""
+    x = np.concatenate((-np.logspace(-8, np.log10(87), 100_000), [0.0, -1e-30])).astype(np.float32)
+    got = np.array([kernels._exp(v) for v in x[::50]] + [kernels._exp(v) for v in x[-2:]], dtype=np.float32)
+    want = np.exp(x[::50].astype(np.float64).tolist() + x[-2:].astype(np.float64).tolist())
+    assert np.all(np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)))

@@ -98,13 +98,16 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
     """
     batch, kv_heads, group, dim = queries.shape
     weights = np.empty(keys.shape[2], dtype=_F32)
+    # The sum in a local array, which LLVM knows no other array overlaps (out may, for all it knows):
+    # with out it loaded and stored the sum at every key.
+    total_values = np.empty(dim, dtype=_F32)
     for b in range(batch):
         lo, hi = first[b], last[b] + 1
         for h in range(kv_heads):
             k, v = keys[b, h], values[b, h]
             for g in range(group):
                 q = queries[b, h, g]
-                top = -np.inf
+                top = _F32(-np.inf)
                 for t in range(lo, hi):
                     acc = _F32(0.0)
                     for d in range(dim):
@@ -113,17 +116,17 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
                     top = max(top, acc)
                 total = _F32(0.0)
                 for t in range(lo, hi):
-                    e = np.exp(weights[t] - top)
+                    e = _exp(weights[t] - top)
                     weights[t] = e
                     total += e
-                o = out[b, h, g]
-                o[:] = 0.0
+                total_values[:] = 0.0
                 for t in range(lo, hi):
                     p = weights[t]
                     for d in range(dim):
-                        o[d] += p * _float32(v[t, d])
+                        total_values[d] += p * _float32(v[t, d])
+                o = out[b, h, g]
                 for d in range(dim):
-                    o[d] /= total
+                    o[d] = total_values[d] / total
 
 
 @_kernel
@@ -239,11 +242,9 @@ _LN2_HI, _LN2_LO, _LOG2E = _F32(0.693359375), _F32(-2.12194440e-4), _F32(1.44269
 
 
 @_kernel
-def _elu(x):  # pragma: no cover (compiled)
-    """F.elu(x) for a float32 x, within 1 ulp of the exact value (as torch's), in vectorisable
-    arithmetic: numba's exp is a scalar libm call. For x < 0, e^x - 1 = 2^n (e^r - 1) + (2^n - 1),
-    e^r - 1 by its Taylor series to r^8 (error < 1e-9 relative): exact to the ulp next to 0,
-    where 2^t - 1 would lose the digits of a tiny x. NaN, +-0 and +inf pass through, -inf gives -1."""
+def _exp_parts(x):  # pragma: no cover (compiled)
+    """(2^n, e^r - 1) for x = n ln2 + r, x clamped at -87, in vectorisable arithmetic (numba's exp
+    is a scalar libm call); e^r - 1 by its Taylor series to r^8 (error < 1e-9 relative)."""
     v = max(x, _F32(-87.0))
     n = np.floor(v * _LOG2E + _F32(0.5))
     r = v - n * _LN2_HI - n * _LN2_LO
@@ -255,8 +256,23 @@ def _elu(x):  # pragma: no cover (compiled)
     p = p * r + _F32(1 / 6)
     p = p * r + _F32(0.5)
     scale = np.int32((np.int32(n) + 127) << 23).view(np.float32)  # 2^n from its exponent bits
-    em1 = scale * (r + r * r * p) + (scale - _F32(1.0))
-    return em1 if x < 0 else x
+    return scale, r + r * r * p
+
+
+@_kernel
+def _elu(x):  # pragma: no cover (compiled)
+    """F.elu(x) for a float32 x, within 1 ulp of the exact value (as torch's). For x < 0,
+    e^x - 1 = 2^n (e^r - 1) + (2^n - 1): exact to the ulp next to 0, where 2^t - 1 would lose
+    the digits of a tiny x. NaN, +-0 and +inf pass through, -inf gives -1."""
+    scale, em1 = _exp_parts(x)
+    return scale * em1 + (scale - _F32(1.0)) if x < 0 else x
+
+
+@_kernel
+def _exp(x):  # pragma: no cover (compiled)
+    """e^x for a float32 x <= 0 (softmax weights), within ~1 ulp; e^-87 (~2e-38) for x below -87."""
+    scale, em1 = _exp_parts(x)
+    return scale + scale * em1
 
 
 @_kernel
