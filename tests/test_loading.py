@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from pocket_tts.config import load_config
 from pocket_tts.files import ModelFileError
 from pocket_tts.models import kernels
-from pocket_tts.models.tts_model import TTSModel
+from pocket_tts.models.tts_model import TTSModel, export_model_state
 from pocket_tts.weights import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_reduced_precision_stays_close_to_float32(parity_dir, parity_model, prec
     assert 0 < (reduced - full).abs().max().item() < 0.2  # a different rounding, not different audio
 
 
-def test_reduced_precision_attends_over_a_bfloat16_cache_and_keeps_voice_states_float32(parity_dir, parity_model, monkeypatch, one_thread):
+def test_reduced_precision_attends_over_a_bfloat16_cache_and_keeps_voice_states_float32(parity_dir, parity_model, monkeypatch, one_thread, tmp_path):
     model = TTSModel.load_model(config=parity_dir / "config.yaml", weights=parity_dir / "model.safetensors",
                                 temp=0.0, eos_threshold=1e9, precision="int8")  # fmt: skip
     assert model.flow_lm.cache_dtype == torch.bfloat16 and parity_model.flow_lm.cache_dtype == torch.float32
@@ -218,6 +218,11 @@ def test_reduced_precision_attends_over_a_bfloat16_cache_and_keeps_voice_states_
         assert layer["cache"].dtype == torch.float32 and torch.equal(layer["cache"], before[name])
     assert reduced.shape == full_cache.shape
     assert 0 < (reduced - full_cache).abs().max().item() < 0.2
+    model.flow_lm.cache_dtype = torch.bfloat16
+    model.generate_audio(voice, "Hi.", copy_state=False)  # the voice state takes the generation's caches
+    export_model_state(voice, tmp_path / "after.safetensors")
+    caches = {name: t for name, t in load_file(tmp_path / "after.safetensors").items() if name.endswith("/cache")}
+    assert caches and all(t.dtype == torch.float32 for t in caches.values())  # the released format
 
 
 def test_bfloat16_decoder_stays_close_to_float32(parity_dir, parity_model, monkeypatch):

@@ -432,7 +432,7 @@ def export_model_state(model_state: VoiceState, dest: str | Path) -> None:
     for module, layer in model_state.items():
         offset = int(layer["offset"].view(-1)[0])
         for field, tensor in layer.items():
-            if field == "cache":
-                tensor = tensor[:, :, :offset]
+            if field == "cache":  # float32, the released format, also from a bfloat16 generation cache
+                tensor = tensor[:, :, :offset].float()
             flat[f"{module}/{field}"] = tensor.contiguous()
     safetensors.torch.save_file(flat, str(dest))
