@@ -20,6 +20,8 @@ in parallel instead (`applies`, `elu_applies`).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -41,13 +43,19 @@ _NONE_2D = np.zeros((0, 0), dtype=_F32)
 _FAST = {"reassoc", "contract"}
 
 
-def _kernel(fn):
+def _kernel(fn, **options):
     """fn compiled by numba, the machine code cached on disk (beside this file, else in the user's
     cache directory, or NUMBA_CACHE_DIR): compiling all of them takes ~6 s, loading ~0.1 s."""
     try:
-        return numba.njit(fastmath=_FAST, nogil=True, cache=True)(fn)
+        return numba.njit(fastmath=_FAST, nogil=True, cache=True, **options)(fn)
     except RuntimeError:  # numba found no writable cache directory: compile in each process
-        return numba.njit(fastmath=_FAST, nogil=True)(fn)
+        return numba.njit(fastmath=_FAST, nogil=True, **options)(fn)
+
+
+def _dividing_kernel(fn):
+    """`_kernel` with numpy's float division (a zero divisor gives inf or NaN, as in torch): Python's
+    ZeroDivisionError check kept a loop with a division from vectorising (GELU 3.8 -> 0.33 ms)."""
+    return _kernel(fn, error_model="numpy")
 
 
 @_kernel
@@ -270,7 +278,7 @@ def _elu(x):  # pragma: no cover (compiled)
 
 @_kernel
 def _exp(x):  # pragma: no cover (compiled)
-    """e^x for a float32 x <= 0 (softmax weights), within ~1 ulp; e^-87 (~2e-38) for x below -87."""
+    """e^x for a float32 x <= 88 (softmax weights, GELU), within ~1 ulp; e^-87 (~2e-38) for x below -87."""
     scale, em1 = _exp_parts(x)
     return scale + scale * em1
 
@@ -297,6 +305,18 @@ def _to_bfloat16(x):  # pragma: no cover (compiled)
     """The bfloat16 bits nearest a float32 x that is not NaN, ties to even (torch's rounding)."""
     bits = np.float32(x).view(np.uint32)
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
+
+
+def _stored(x, like):  # pragma: no cover (replaced in compiled code by its overload)
+    raise NotImplementedError("only for numba kernels")
+
+
+@overload(_stored)
+def _stored_overload(x, like):
+    """float32 x as array `like` stores it: bfloat16 bits (uint16) rounded to nearest, or float32."""
+    if like.dtype == numba.types.uint16:
+        return lambda x, like: _to_bfloat16(x)
+    return lambda x, like: x
 
 
 @_kernel
@@ -328,6 +348,155 @@ def _elu_rows_bfloat16(x, x_stride, out, out_stride, offset, rows, size):  # pra
     """`_elu_rows` on bfloat16 bits."""
     for b in range(rows):
         _elu_values_bfloat16(x[b * x_stride : b * x_stride + size], out[b * out_stride + offset : b * out_stride + offset + size])
+
+
+# GELU's tanh approximation: 0.5 x (1 + tanh(z)) = x sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3).
+_GELU_A, _GELU_B = _F32(2 * math.sqrt(2 / math.pi)), _F32(2 * math.sqrt(2 / math.pi) * 0.044715)
+
+
+@_dividing_kernel
+def _gelu_values(x):  # pragma: no cover (compiled)
+    """x = F.gelu(x, approximate="tanh") in place, float32 or bfloat16 bits (computed in float32, rounded once)."""
+    for i in range(x.shape[0]):
+        v = _float32(x[i])
+        z = -v * (_GELU_A + _GELU_B * v * v)
+        # Past z = 88 (x < -10.4) GELU is below float32's smallest normal: a signed zero.
+        x[i] = _stored(v / (_F32(1.0) + _exp(z)) if z <= _F32(88.0) else v * _F32(0.0), x)
+
+
+_QUERIES = 4  # queries per block of `_attend_queries`: each key and value read once for four
+
+
+@_dividing_kernel
+def _attend_queries(staged, head, i0, keys, values, first, last, weights, acc):  # pragma: no cover (compiled)
+    """acc[j] = softmax over t in first[j]..last[j] of staged[head, i0 + j] . keys[t], times
+    values[t], for a block of 4 queries; weights [4, N + 3] scratch, values' rows past N zeros.
+
+    Loops index with what numba sees as non-negative (range counters, unsigned key indices):
+    it wraps other indices around when negative, which made the loads over keys gathers (~6x
+    slower); views in the loops cost two atomic reference counts each."""
+    lo, hi = np.uint64(first[0]), np.uint64(last[_QUERIES - 1] + 1)
+    for t in range(lo, hi):
+        a0, a1, a2, a3 = _F32(0.0), _F32(0.0), _F32(0.0), _F32(0.0)
+        for d in range(keys.shape[1]):
+            k = keys[t, d]
+            a0 += staged[head, i0, d] * k
+            a1 += staged[head, i0 + 1, d] * k
+            a2 += staged[head, i0 + 2, d] * k
+            a3 += staged[head, i0 + 3, d] * k
+        weights[0, t], weights[1, t], weights[2, t], weights[3, t] = a0, a1, a2, a3
+    four = np.uint64(4)
+    end = lo + (hi - lo + np.uint64(3)) // four * four  # whole groups of 4 keys, the extra weights 0
+    for j in range(_QUERIES):
+        f, l = np.uint64(first[j]), np.uint64(last[j])
+        top = _F32(-np.inf)
+        for t in range(f, l + np.uint64(1)):
+            top = max(top, weights[j, t])
+        total = _F32(0.0)
+        for t in range(lo, end):
+            e = _exp(weights[j, t] - top) if f <= t <= l else _F32(0.0)
+            weights[j, t] = e
+            total += e
+        scale = _F32(1.0) / total
+        for t in range(lo, end):
+            weights[j, t] *= scale
+    acc[:] = 0.0
+    for t in range(lo, end, four):  # four keys per pass over acc: a quarter of its loads and stores
+        t1, t2, t3 = t + np.uint64(1), t + np.uint64(2), t + np.uint64(3)
+        for j in range(_QUERIES):
+            p0, p1, p2, p3 = weights[j, t], weights[j, t1], weights[j, t2], weights[j, t3]
+            for d in range(values.shape[1]):
+                acc[j, d] += p0 * values[t, d] + p1 * values[t1, d] + p2 * values[t2, d] + p3 * values[t3, d]
+
+
+@_dividing_kernel
+def _window_attention(proj, window_k, window_v, cos, sin, base, context, out, kept_k, kept_v):  # pragma: no cover (compiled)
+    """See `window_attention`; arrays of float32 or of bfloat16 bits, computed in float32. proj
+    [B, T, H + 2 KV, D], cos / sin [B or 1, T, H + KV, D / 2], out [B, T, H, D]."""
+    batch, steps, heads = proj.shape[0], proj.shape[1], out.shape[2]
+    kv_heads, width, dim = window_k.shape[1], window_k.shape[2], window_k.shape[3]
+    group, keep, n = heads // kv_heads, kept_k.shape[2], width + steps
+    # Row b's rotated queries and keys, and values, by head: [H + 2 KV, T + 3, D] (+ 3: a last partial block's queries).
+    staged = np.zeros((heads + 2 * kv_heads, steps + _QUERIES - 1, dim), dtype=_F32)
+    keys, values = np.empty((n, dim), dtype=_F32), np.zeros((n + 3, dim), dtype=_F32)
+    acc, weights = np.empty((_QUERIES, dim), dtype=_F32), np.empty((_QUERIES, n + 3), dtype=_F32)
+    first, last = np.empty(_QUERIES, dtype=np.int64), np.empty(_QUERIES, dtype=np.int64)
+    for b in range(batch):
+        r = b if cos.shape[0] > 1 else 0
+        for i in range(steps):
+            for hd in range(heads + kv_heads):
+                for p in range(cos.shape[3]):
+                    u, v = _float32(proj[b, i, hd, 2 * p]), _float32(proj[b, i, hd, 2 * p + 1])
+                    staged[hd, i, 2 * p] = u * cos[r, i, hd, p] - v * sin[r, i, hd, p]
+                    staged[hd, i, 2 * p + 1] = u * sin[r, i, hd, p] + v * cos[r, i, hd, p]
+            for hd in range(heads, heads + kv_heads):
+                for d in range(dim):  # keys as the window stores them
+                    staged[hd, i, d] = _float32(_stored(staged[hd, i, d], kept_k))
+            for hd in range(heads + kv_heads, heads + 2 * kv_heads):
+                for d in range(dim):
+                    staged[hd, i, d] = _float32(proj[b, i, hd, d])
+        for h in range(kv_heads):
+            for t in range(width):
+                for d in range(dim):
+                    keys[t, d], values[t, d] = _float32(window_k[b, h, t, d]), _float32(window_v[b, h, t, d])
+            for i in range(steps):
+                for d in range(dim):
+                    keys[width + i, d], values[width + i, d] = staged[heads + h, i, d], staged[heads + kv_heads + h, i, d]
+            for t in range(keep):
+                for d in range(dim):
+                    kept_k[b, h, t, d] = _stored(keys[n - keep + t, d], kept_k)
+                    kept_v[b, h, t, d] = _stored(values[n - keep + t, d], kept_v)
+            for head in range(h * group, (h + 1) * group):
+                for i0 in range(0, steps, _QUERIES):
+                    for j in range(_QUERIES):
+                        # Query i sits at window index width + i: it sees `context` positions back, none before the row's start.
+                        i = min(i0 + j, steps - 1)
+                        first[j], last[j] = max(i + width + 1 - context, width - base[b], 0), i + width
+                    _attend_queries(staged, head, i0, keys, values, first, last, weights, acc)
+                    for j in range(min(_QUERIES, steps - i0)):
+                        for d in range(dim):
+                            out[b, i0 + j, head, d] = _stored(acc[j, d], out)
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """x = F.gelu(x, approximate="tanh") in place, in one pass, for a contiguous x (see
+    `float_applies`): float32 within 1e-6 relative for finite x (-inf gives -inf, not NaN),
+    bfloat16 computed in float32 and rounded once."""
+    _gelu_values(_bits(x).reshape(-1))
+    return x
+
+
+def float_applies(x: torch.Tensor) -> bool:
+    """Whether the float kernels (`gelu_`, `window_attention`) take x: float32 or bfloat16 on the
+    CPU, one thread (with more, torch's ops run in parallel), no autograd."""
+    return (
+        x.dtype in (torch.float32, torch.bfloat16)
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and torch.get_num_threads() == 1
+    )
+
+
+def window_attention(projected: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: np.ndarray, sin: np.ndarray, base: np.ndarray, context: int, heads: int):
+    """Sliding-window attention of T new positions per row in one pass: (output [B, T, heads * D],
+    the new window's keys, values).
+
+    `projected` [B, T, (heads + 2 KV) D]: each position's queries, keys and values (before RoPE);
+    `keys` / `values` [B, KV, W, D]: the window of earlier positions (after RoPE). Row b's new
+    positions are base[b] + 0..T-1, turned by `cos` / `sin` [B or 1, T, heads + KV, D / 2] (per
+    channel pair of the queries and keys, the queries' times 1/sqrt(D)); a
+    query sees the `context` most recent positions up to its own, none below 0. The new window
+    holds the context - 1 most recent. bfloat16 is computed in float32: new keys rounded as the
+    window stores them (so a key counts the same in this call and the next), outputs rounded once.
+    """
+    b, t, _ = projected.shape
+    kv_heads, width, dim = keys.shape[1:]
+    keep = min(width + t, context - 1)
+    out = torch.empty(b, t, heads, dim, dtype=projected.dtype)
+    kept_k, kept_v = (torch.empty(b, kv_heads, keep, dim, dtype=keys.dtype) for _ in range(2))
+    arrays = (_bits(x.contiguous()) for x in (projected.view(b, t, -1, dim), keys, values))
+    _window_attention(*arrays, cos, sin, base, context, _bits(out), _bits(kept_k), _bits(kept_v))
+    return out.view(b, t, heads * dim), kept_k, kept_v
 
 
 def elu_applies(x: torch.Tensor) -> bool:
