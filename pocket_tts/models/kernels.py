@@ -14,8 +14,13 @@ ops of 3-15 us each besides its products: `layer_step` does all of it in one cal
 `elu` is the Mimi decoder's ELU in one pass instead of torch's five, written straight into the
 input buffer of the convolution that follows (after its history rows).
 
+`window_attention` is the Mimi transformer's sliding-window attention over several new positions
+(RoPE, the window's append and each query's visible keys included: at most `context` of them,
+where SDPA took all and a mask), and `gelu_` its GELU in one pass; both float32 or bfloat16
+(computed in float32).
+
 The kernels run on the calling thread: with more torch threads than one the library kernels run
-in parallel instead (`applies`, `elu_applies`).
+in parallel instead (`applies`, `elu_applies`, `float_applies`).
 """
 
 from __future__ import annotations
