@@ -105,7 +105,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: LayerState | None, tables: dict | None = None) -> torch.Tensor:
         """`tables` holds what every layer of one transformer call shares (positions, RoPE, mask,
-        cache span): the first layer fills it, the others reuse it."""
+        cache span, or the window kernel's rotations): the first layer fills it, the others reuse it."""
         b, t, _ = x.shape
         tables = {} if tables is None else tables
         projected = self.in_proj(x)
