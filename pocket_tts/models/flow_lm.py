@@ -227,7 +227,8 @@ class FlowLM(nn.Module):
             attn_dim=tcfg.attn_dim, num_kv_heads=tcfg.num_kv_heads,
         )  # fmt: skip
         self.out_norm = nn.LayerNorm(d, eps=1e-5)
-        # The KV caches of generation (`generation_state`); voice states stay float32, the released format.
+        # The dtype of generation's KV caches (`TTSModel._chunk_state`, the batcher's); voice states stay
+        # float32, the released format. Reduced-precision backbones set bfloat16 (`TTSModel.load_model`).
         self.cache_dtype = torch.float32
         # The sampler and EOS heads read a z_dim-wide projection of the backbone output when there is one.
         self.z_proj = None if cfg.z_dim is None else Linear(d, cfg.z_dim, bias=False)

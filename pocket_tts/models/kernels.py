@@ -514,16 +514,8 @@ def window_attention(projected: torch.Tensor, keys: torch.Tensor, values: torch.
 
 def elu_applies(x: torch.Tensor) -> bool:
     """Whether `elu` takes x: a float32 or bfloat16 CPU tensor [B, T, C] whose every row's [T, C] is
-    contiguous (a time-major signal), on one thread (with more, torch's ops run in parallel), no autograd."""
-    return (
-        x.dim() == 3
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.device.type == "cpu"
-        and x.stride(2) == 1
-        and (x.stride(1) == x.shape[2] or x.shape[1] == 1)
-        and not torch.is_grad_enabled()
-        and torch.get_num_threads() == 1
-    )
+    contiguous (a time-major signal), where `float_applies`."""
+    return x.dim() == 3 and x.stride(2) == 1 and (x.stride(1) == x.shape[2] or x.shape[1] == 1) and float_applies(x)
 
 
 def elu(x: torch.Tensor, history: int = 0) -> torch.Tensor:
