@@ -67,7 +67,7 @@ def test_attend_matches_softmax_attention_over_each_rows_visible_keys(dtype):
     want_cache = cache.clone()
     want_cache[:, torch.arange(batch), last] = new
     with torch.no_grad():
-        got = kernels.attend(queries, cache.transpose(2, 3), first.numpy(), last.numpy(), new)
+        got = kernels.attend(queries, cache, first.numpy(), last.numpy(), new)
     assert torch.equal(cache, want_cache)
     keys, values = cache.transpose(2, 3).float().unbind(0)  # [B, KV, T, D]
     positions = torch.arange(capacity)

@@ -104,51 +104,55 @@ def _put(out, residual, j, r, value):  # pragma: no cover (compiled, inlined by 
 
 @_kernel
 def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (compiled)
-    """out[b, h, g] = softmax over t in [first[b], last[b]] of queries[b, h, g] . keys[b, h, t], times values.
+    """out[b, h, g] = softmax over t in [first[b], last[b]] of queries[b, h, g] . keys[b, t, h], times values.
 
-    queries / out [B, KV, G, D]: the G query heads that share each key head; keys / values [B, KV, T, D],
-    float32 or bfloat16 bits (uint16: each element widened as it is read).
+    queries / out [B, KV, G, D]: the G query heads that share each key head; keys / values [B, T, KV, D],
+    float32 or bfloat16 bits (uint16: each element widened as it is read). Each row's keys, then its
+    values, are read once, in memory order.
     """
     batch, kv_heads, group, dim = queries.shape
-    weights = np.empty(keys.shape[2], dtype=_F32)
-    # The sum in a local array, which LLVM knows no other array overlaps (out may, for all it knows):
-    # with out it loaded and stored the sum at every key.
-    total_values = np.empty(dim, dtype=_F32)
+    heads = kv_heads * group
+    q, o = queries.reshape(batch, heads, dim), out.reshape(batch, heads, dim)
+    weights = np.empty((heads, keys.shape[1]), dtype=_F32)
+    # The sums in a local array, which LLVM knows no other array overlaps (out may, for all it knows):
+    # with out it loaded and stored them at every key.
+    total_values = np.empty((heads, dim), dtype=_F32)
     for b in range(batch):
-        lo, hi = first[b], last[b] + 1
-        for h in range(kv_heads):
-            k, v = keys[b, h], values[b, h]
-            for g in range(group):
-                q = queries[b, h, g]
-                top = _F32(-np.inf)
-                for t in range(lo, hi):
-                    acc = _F32(0.0)
-                    for d in range(dim):
-                        acc += q[d] * _float32(k[t, d])
-                    weights[t] = acc
-                    top = max(top, acc)
-                total = _F32(0.0)
-                for t in range(lo, hi):
-                    e = _exp(weights[t] - top)
-                    weights[t] = e
-                    total += e
-                total_values[:] = 0.0
-                for t in range(lo, hi):
-                    p = weights[t]
-                    for d in range(dim):
-                        total_values[d] += p * _float32(v[t, d])
-                o = out[b, h, g]
+        lo, hi = np.uint64(first[b]), np.uint64(last[b] + 1)  # unsigned: no wrap-around of negative indices
+        for t in range(lo, hi):
+            for head in range(heads):
+                k = head // group
+                acc = _F32(0.0)
                 for d in range(dim):
-                    o[d] = total_values[d] / total
+                    acc += q[b, head, d] * _float32(keys[b, t, k, d])
+                weights[head, t] = acc
+        for head in range(heads):
+            top = _F32(-np.inf)
+            for t in range(lo, hi):
+                top = max(top, weights[head, t])
+            total = _F32(0.0)
+            for t in range(lo, hi):
+                e = _exp(weights[head, t] - top)
+                weights[head, t] = e
+                total += e
+            scale = _F32(1.0) / total
+            for t in range(lo, hi):
+                weights[head, t] *= scale
+        total_values[:] = 0.0
+        for t in range(lo, hi):
+            for head in range(heads):
+                k, p = head // group, weights[head, t]
+                for d in range(dim):
+                    total_values[head, d] += p * _float32(values[b, t, k, d])
+        o[b] = total_values
 
 
 @_kernel
 def _put_positions(cache, new, at):  # pragma: no cover (compiled)
-    """cache[:, b, :, at[b]] = new[:, b] for cache [2, B, KV, T, D] and new [2, B, KV, D]."""
+    """cache[:, b, at[b]] = new[:, b] for cache [2, B, T, KV, D] and new [2, B, KV, D]."""
     for i in range(2):
         for b in range(new.shape[1]):
-            for h in range(new.shape[2]):
-                cache[i, b, h, at[b]] = new[i, b, h]
+            cache[i, b, at[b]] = new[i, b]
 
 
 @_kernel
@@ -172,7 +176,7 @@ def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover (compiled)
 def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotation, cache, first, last, heads, out):  # pragma: no cover (compiled)
     """One pre-norm transformer layer for one new position per row (see `layer_step`)."""
     rows, width = x.shape
-    kv_heads, dim = cache.shape[2], cache.shape[4]
+    kv_heads, dim = cache.shape[3], cache.shape[4]
     group, half = heads // kv_heads, dim // 2
     h = np.empty((rows, width), dtype=_F32)
     _layer_norm_rows(x, norm1[0], norm1[1], eps, h)
@@ -194,8 +198,8 @@ def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotat
         at = last[j]
         for head in range(kv_heads):
             for d in range(dim):
-                cache[0, j, head, at, d] = qkv[j, (heads + head) * dim + d]
-                cache[1, j, head, at, d] = qkv[j, (heads + kv_heads + head) * dim + d]
+                cache[0, j, at, head, d] = qkv[j, (heads + head) * dim + d]
+                cache[1, j, at, head, d] = qkv[j, (heads + kv_heads + head) * dim + d]
     attended = np.empty((rows, kv_heads, group, dim), dtype=_F32)
     _attend_rows(queries, cache[0], cache[1], first, last, attended)
     mid = np.empty((rows, width), dtype=_F32)
@@ -581,7 +585,7 @@ def attend(queries: torch.Tensor, cache: torch.Tensor, first: np.ndarray, last: 
     """Each row's queries [B, KV, G, D] (scaled) against its cached positions first..last (inclusive),
     after writing its new key and value (`new` [2, B, KV, D], the cache's dtype) at position last.
 
-    `cache`: the [2, B, KV, T, D] keys and values (`transformer.linear_cache`'s memory), float32 or bfloat16.
+    `cache`: the [2, B, T, KV, D] keys and values (`transformer.linear_cache`), float32 or bfloat16.
     (torch's index_put for the write cost ~160 us per 32-row layer.)
     """
     out = torch.empty(queries.shape)
@@ -594,8 +598,8 @@ def attend(queries: torch.Tensor, cache: torch.Tensor, first: np.ndarray, last: 
 def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: np.ndarray, first: np.ndarray, last: np.ndarray, heads: int) -> torch.Tensor:
     """x + attention + feed-forward of one float32 pre-norm layer (no biases, no layer scale) for x [B, d]:
     LayerNorm, projection, RoPE (`rotation` [B or 1, heads + kv_heads, head_dim / 2, (cos, sin)]),
-    the new key and value written at position last[b] of `cache` ([2, B, KV, T, D], the
-    memory of `transformer.linear_cache`), attention over positions first[b]..last[b], output
+    the new key and value written at position last[b] of `cache` ([2, B, T, KV, D],
+    `transformer.linear_cache`), attention over positions first[b]..last[b], output
     projection and residual, LayerNorm, GELU feed-forward and residual, all in one call.
 
     `weights`: (norm1 (weight, bias), norm2 (weight, bias), eps, in_proj, out_proj, linear1, linear2) as arrays.
