@@ -30,7 +30,9 @@ import math
 import numba
 import numpy as np
 import torch
-from numba.extending import overload
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
 
 MAX_ROWS = 4
 # Rows up to 512 wide: 8 of them stay in L1 beside a weight row, and the kernel beats the library
@@ -373,107 +375,225 @@ def _gelu_values(x):  # pragma: no cover (compiled)
         x[i] = _stored(v / (_F32(1.0) + _exp(z)) if z <= _F32(88.0) else v * _F32(0.0), x)
 
 
-# Queries per block of `_attend_queries`: each key and value read once for eight (an 18M-layout
-# layer of 32 rows x 64 positions: 2.8 -> 2.5 ms against 4); more would widen the keys' span.
-_QUERIES = 8
+# A product tile: 8 rows by 32 columns, 16 accumulators of 16 float32 lanes, half of AVX-512's 32
+# registers (LLVM keeps them there: they are SSA values). Scores are 8 queries by 32 keys, the
+# weighted sum of values 8 queries by 32 channels.
+_TILE_ROWS, _TILE_COLUMNS, _LANES = 8, 32, 16
 
 
-@_dividing_kernel
-def _attend_queries(staged, head, i0, keys, values, first, last, weights, acc):  # pragma: no cover (compiled)
-    """acc[j] = softmax over t in first[j]..last[j] of staged[head, i0 + j] . keys[t], times
-    values[t], for a block of 8 queries; weights [8, N + 3] scratch, values' rows past N zeros.
+@intrinsic
+def _tile_product(typingctx, a, a_start, a_stride, b, b_start, b_stride, depth, out, out_start, out_stride):
+    """out[i, c] = sum over k < depth of a[i, k] b[k, c], for i < 8 and c < 32, in float32.
 
-    Loops index with what numba sees as non-negative (range counters, unsigned key indices):
-    it wraps other indices around when negative, which made the loads over keys gathers (~6x
-    slower); views in the loops cost two atomic reference counts each."""
-    lo, hi = np.uint64(first[0]), np.uint64(last[_QUERIES - 1] + 1)
-    for t in range(lo, hi):
-        a0, a1, a2, a3 = _F32(0.0), _F32(0.0), _F32(0.0), _F32(0.0)
-        a4, a5, a6, a7 = _F32(0.0), _F32(0.0), _F32(0.0), _F32(0.0)
-        for d in range(keys.shape[1]):
-            k = keys[t, d]
-            a0 += staged[head, i0, d] * k
-            a1 += staged[head, i0 + 1, d] * k
-            a2 += staged[head, i0 + 2, d] * k
-            a3 += staged[head, i0 + 3, d] * k
-            a4 += staged[head, i0 + 4, d] * k
-            a5 += staged[head, i0 + 5, d] * k
-            a6 += staged[head, i0 + 6, d] * k
-            a7 += staged[head, i0 + 7, d] * k
-        weights[0, t], weights[1, t], weights[2, t], weights[3, t] = a0, a1, a2, a3
-        weights[4, t], weights[5, t], weights[6, t], weights[7, t] = a4, a5, a6, a7
-    four = np.uint64(4)
-    end = lo + (hi - lo + np.uint64(3)) // four * four  # whole groups of 4 keys, the extra weights 0
-    for j in range(_QUERIES):
-        f, l = np.uint64(first[j]), np.uint64(last[j])
-        top = _F32(-np.inf)
-        for t in range(f, l + np.uint64(1)):
-            top = max(top, weights[j, t])
-        total = _F32(0.0)
-        for t in range(lo, end):
-            e = _exp(weights[j, t] - top) if f <= t <= l else _F32(0.0)
-            weights[j, t] = e
-            total += e
-        scale = _F32(1.0) / total
-        for t in range(lo, end):
-            weights[j, t] *= scale
-    acc[:] = 0.0
-    for t in range(lo, end, four):  # four keys per pass over acc: a quarter of its loads and stores
-        t1, t2, t3 = t + np.uint64(1), t + np.uint64(2), t + np.uint64(3)
-        for j in range(_QUERIES):
-            p0, p1, p2, p3 = weights[j, t], weights[j, t1], weights[j, t2], weights[j, t3]
-            for d in range(values.shape[1]):
-                acc[j, d] += p0 * values[t, d] + p1 * values[t1, d] + p2 * values[t2, d] + p3 * values[t3, d]
+    Each matrix is an array's float32 elements from flat offset `start`, rows `stride` apart. Numba
+    compiles an inner loop over k with scalar or memory accumulators; this one holds them in
+    registers: each k broadcasts 8 values of a and loads 2 vectors of b for 16 fused multiply-adds.
+    """
+    signature = types.void(a, a_start, a_stride, b, b_start, b_stride, depth, out, out_start, out_stride)
+
+    def codegen(context, builder, signature, args):
+        kinds = signature.args
+        index = [context.cast(builder, args[i], kinds[i], types.intp) for i in range(10)]
+        a_data, b_data, out_data = (context.make_array(kinds[i])(context, builder, args[i]).data for i in (0, 3, 7))
+        vector = ir.VectorType(ir.FloatType(), _LANES)
+        vectors = _TILE_COLUMNS // _LANES
+        accumulators = [cgutils.alloca_once_value(builder, ir.Constant(vector, None)) for _ in range(_TILE_ROWS * vectors)]
+        fast = ("contract", "reassoc")
+
+        def at(data, start, row, stride, column):
+            offset = builder.add(builder.add(start, builder.mul(row, stride)), ir.Constant(start.type, column))
+            return builder.gep(data, [offset])
+
+        with cgutils.for_range(builder, index[6]) as loop:
+            k = loop.index
+            columns = [builder.load(builder.bitcast(at(b_data, index[4], k, index[5], v * _LANES), vector.as_pointer()), align=4) for v in range(vectors)]
+            for i in range(_TILE_ROWS):
+                row = builder.load(at(a_data, builder.add(index[1], k), ir.Constant(k.type, i), index[2], 0))
+                lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), row, ir.Constant(ir.IntType(32), 0))
+                lanes = builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+                for v in range(vectors):
+                    slot = accumulators[i * vectors + v]
+                    total = builder.fadd(builder.load(slot), builder.fmul(lanes, columns[v], flags=fast), flags=fast)
+                    builder.store(total, slot)
+        for i in range(_TILE_ROWS):
+            for v in range(vectors):
+                target = builder.bitcast(at(out_data, index[8], ir.Constant(index[8].type, i), index[9], v * _LANES), vector.as_pointer())
+                builder.store(builder.load(accumulators[i * vectors + v]), target, align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def _visible_maximum(typingctx, a, start, count, first, last):
+    """The largest of a's float32 elements start + k for first <= k <= last, reading k < count (a
+    multiple of 16) 16 lanes at a time: LLVM compiles a loop of scalar `max` to a chain of
+    dependent compares, in any form numba writes it (a softmax's ~4x slower)."""
+    signature = types.float32(a, start, count, first, last)
+
+    def codegen(context, builder, signature, args):
+        kinds = signature.args
+        start, count, first, last = (context.cast(builder, args[i], kinds[i], types.uint64) for i in range(1, 5))
+        data = context.make_array(kinds[0])(context, builder, args[0]).data
+        vector = ir.VectorType(ir.FloatType(), _LANES)
+        indices = ir.VectorType(ir.IntType(64), _LANES)
+        lowest = ir.Constant(vector, [float("-inf")] * _LANES)
+        top = cgutils.alloca_once_value(builder, lowest)
+        lanes = ir.Constant(indices, list(range(_LANES)))
+        width = ir.Constant(start.type, _LANES)
+
+        def splat(value, kind):
+            one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+
+        low, high = splat(first, indices), splat(last, indices)
+        with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
+            at = builder.mul(loop.index, width)
+            values = builder.load(builder.bitcast(builder.gep(data, [builder.add(start, at)]), vector.as_pointer()), align=4)
+            k = builder.add(splat(at, indices), lanes)
+            visible = builder.and_(builder.icmp_unsigned(">=", k, low), builder.icmp_unsigned("<=", k, high))
+            values = builder.select(visible, values, lowest)
+            best = builder.load(top)
+            builder.store(builder.select(builder.fcmp_ordered(">", values, best), values, best), top)
+        best = builder.load(top)
+        half = _LANES // 2
+        while half:  # the upper half's lanes against the lower's: 4 steps, not 15
+            upper = builder.shuffle_vector(best, best, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [(i + half) % _LANES for i in range(_LANES)]))
+            best = builder.select(builder.fcmp_ordered(">", upper, best), upper, best)
+            half //= 2
+        return builder.extract_element(best, ir.Constant(ir.IntType(32), 0))
+
+    return signature, codegen
+
+
+@intrinsic
+def _transpose_block(typingctx, a, a_start, a_stride, out, out_start, out_stride):
+    """out[c, r] = a[r, c] for r, c < 16, float32 matrices given as in `_tile_product`: 16 rows in
+    registers, then for s = 8, 4, 2, 1 each pair of rows s apart swaps its off-diagonal s-lane
+    blocks (64 shuffles). Numba's element loops over a transposition ran at ~1 ns an element."""
+    signature = types.void(a, a_start, a_stride, out, out_start, out_stride)
+
+    def codegen(context, builder, signature, args):
+        kinds = signature.args
+        a_start, a_stride, out_start, out_stride = (context.cast(builder, args[i], kinds[i], types.intp) for i in (1, 2, 4, 5))
+        a_data, out_data = (context.make_array(kinds[i])(context, builder, args[i]).data for i in (0, 3))
+        vector = ir.VectorType(ir.FloatType(), _LANES)
+
+        def row_pointer(data, start, stride, row):
+            return builder.bitcast(builder.gep(data, [builder.add(start, builder.mul(stride, ir.Constant(stride.type, row)))]), vector.as_pointer())
+
+        lines = [builder.load(row_pointer(a_data, a_start, a_stride, r), align=4) for r in range(_LANES)]
+        s = _LANES // 2
+        while s:
+            for r in range(_LANES):
+                if not r & s:
+                    upper, lower = lines[r], lines[r + s]
+                    kept = [c if not c & s else _LANES + c - s for c in range(_LANES)]
+                    taken = [c + s if not c & s else _LANES + c for c in range(_LANES)]
+                    lines[r] = builder.shuffle_vector(upper, lower, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), kept))
+                    lines[r + s] = builder.shuffle_vector(upper, lower, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), taken))
+            s //= 2
+        for r in range(_LANES):
+            builder.store(lines[r], row_pointer(out_data, out_start, out_stride, r), align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @_dividing_kernel
 def _window_attention(proj, window_k, window_v, cos, sin, base, context, out, kept_k, kept_v):  # pragma: no cover (compiled)
     """See `window_attention`; arrays of float32 or of bfloat16 bits, computed in float32. proj
-    [B, T, H + 2 KV, D], cos / sin [B or 1, T, H + KV, D / 2], out [B, T, H, D]."""
+    [B, T, H + 2 KV, D], cos / sin [B or 1, T, H + KV, D / 2], out [B, T, H, D].
+
+    Per row, staged in float32: the rotated queries [H, T, D] (rows up to a whole tile, zeros), the
+    keys d-major [KV, D, N] (keys are the lanes of a score tile), the values [KV, N, D] (channels
+    padded to whole tiles with zeros). Per block of 8 queries, `_tile_product` gives the scores over
+    the keys any of them sees, a softmax over each query's visible keys turns them into weights (0
+    elsewhere), and `_tile_product` again the weighted sums of the values.
+    Loops index with what numba sees as non-negative (range counters, unsigned key indices): it
+    wraps other indices around when negative, which made loads over keys gathers (~6x slower).
+    """
     batch, steps, heads = proj.shape[0], proj.shape[1], out.shape[2]
     kv_heads, width, dim = window_k.shape[1], window_k.shape[2], window_k.shape[3]
-    group, keep, n = heads // kv_heads, kept_k.shape[2], width + steps
-    # Row b's rotated queries and keys, and values, by head: [H + 2 KV, T + 7, D] (+ 7: a last partial block's queries).
-    staged = np.zeros((heads + 2 * kv_heads, steps + _QUERIES - 1, dim), dtype=_F32)
-    keys, values = np.empty((n, dim), dtype=_F32), np.zeros((n + 3, dim), dtype=_F32)
-    acc, weights = np.empty((_QUERIES, dim), dtype=_F32), np.empty((_QUERIES, n + 3), dtype=_F32)
-    first, last = np.empty(_QUERIES, dtype=np.int64), np.empty(_QUERIES, dtype=np.int64)
+    group, keep, n, half = heads // kv_heads, kept_k.shape[2], width + steps, dim // 2
+    rows, columns = _TILE_ROWS, _TILE_COLUMNS
+    padded_steps = (steps + rows - 1) // rows * rows
+    padded_dim = (dim + columns - 1) // columns * columns
+    # A block's keys: at most context - 1 before its first query, and its 8 queries' own.
+    span_limit = min(n, context + rows - 1)
+    score_width = (span_limit + columns - 1) // columns * columns
+    key_width = n + columns  # a block's last score tile may read past the last key
+    rotated = np.zeros((heads + kv_heads, padded_steps, dim), dtype=_F32)  # queries, then keys
+    # One KV head at a time (its keys and values stay in L1 for 18M), zeros past its keys and channels.
+    new_keys = np.empty((steps, dim), dtype=kept_k.dtype)
+    # The keys as rows, then d-major (16 x 16 blocks at a time: rows and channels padded to 16).
+    key_rows = np.zeros(((n + _LANES - 1) // _LANES * _LANES, (dim + _LANES - 1) // _LANES * _LANES), dtype=_F32)
+    keys = np.zeros((key_rows.shape[1], key_width), dtype=_F32)
+    values = np.zeros((n, padded_dim), dtype=_F32)
+    scores = np.empty((rows, score_width), dtype=_F32)
+    inverse_totals = np.empty(rows, dtype=_F32)
+    acc = np.empty((rows, padded_dim), dtype=_F32)
     for b in range(batch):
         r = b if cos.shape[0] > 1 else 0
         for i in range(steps):
             for hd in range(heads + kv_heads):
-                for p in range(cos.shape[3]):
+                for p in range(half):
                     u, v = _float32(proj[b, i, hd, 2 * p]), _float32(proj[b, i, hd, 2 * p + 1])
-                    staged[hd, i, 2 * p] = u * cos[r, i, hd, p] - v * sin[r, i, hd, p]
-                    staged[hd, i, 2 * p + 1] = u * sin[r, i, hd, p] + v * cos[r, i, hd, p]
-            for hd in range(heads, heads + kv_heads):
-                for d in range(dim):  # keys as the window stores them
-                    staged[hd, i, d] = _float32(_stored(staged[hd, i, d], kept_k))
-            for hd in range(heads + kv_heads, heads + 2 * kv_heads):
-                for d in range(dim):
-                    staged[hd, i, d] = _float32(proj[b, i, hd, d])
+                    rotated[hd, i, 2 * p] = u * cos[r, i, hd, p] - v * sin[r, i, hd, p]
+                    rotated[hd, i, 2 * p + 1] = u * sin[r, i, hd, p] + v * cos[r, i, hd, p]
+        # Query i sits at key index width + i: it sees `context` positions back, none before the row's start.
+        start = max(width - base[b], 0)
         for h in range(kv_heads):
+            for i in range(steps):
+                for d in range(dim):  # keys as the window stores them
+                    new_keys[i, d] = _stored(rotated[heads + h, i, d], kept_k)
+            # The window's newest `keep` positions, bits as they are.
+            for t in range(keep):
+                if t + n - keep < width:
+                    for d in range(dim):
+                        kept_k[b, h, t, d], kept_v[b, h, t, d] = window_k[b, h, t + n - keep, d], window_v[b, h, t + n - keep, d]
+                else:
+                    for d in range(dim):
+                        kept_k[b, h, t, d] = new_keys[t + n - keep - width, d]
+                        kept_v[b, h, t, d] = _stored(_float32(proj[b, t + n - keep - width, heads + kv_heads + h, d]), kept_v)
             for t in range(width):
                 for d in range(dim):
-                    keys[t, d], values[t, d] = _float32(window_k[b, h, t, d]), _float32(window_v[b, h, t, d])
+                    key_rows[t, d] = _float32(window_k[b, h, t, d])
             for i in range(steps):
                 for d in range(dim):
-                    keys[width + i, d], values[width + i, d] = staged[heads + h, i, d], staged[heads + kv_heads + h, i, d]
-            for t in range(keep):
+                    key_rows[width + i, d] = _float32(new_keys[i, d])
+            for t0 in range(0, key_rows.shape[0], _LANES):
+                for d0 in range(0, key_rows.shape[1], _LANES):
+                    _transpose_block(key_rows, t0 * key_rows.shape[1] + d0, key_rows.shape[1], keys, d0 * key_width + t0, key_width)
+            for t in range(width):
                 for d in range(dim):
-                    kept_k[b, h, t, d] = _stored(keys[n - keep + t, d], kept_k)
-                    kept_v[b, h, t, d] = _stored(values[n - keep + t, d], kept_v)
+                    values[t, d] = _float32(window_v[b, h, t, d])
+            for i in range(steps):
+                for d in range(dim):
+                    values[width + i, d] = _float32(proj[b, i, heads + kv_heads + h, d])
             for head in range(h * group, (h + 1) * group):
-                for i0 in range(0, steps, _QUERIES):
-                    for j in range(_QUERIES):
-                        # Query i sits at window index width + i: it sees `context` positions back, none before the row's start.
+                for i0 in range(0, steps, rows):
+                    lo = max(i0 + width + 1 - context, start)
+                    span = min(i0 + rows, steps) - 1 + width - lo + 1
+                    for c in range(0, span, columns):
+                        _tile_product(rotated, (head * padded_steps + i0) * dim, dim, keys, lo + c, key_width, dim, scores, c, score_width)
+                    padded_span = np.uint64((span + _LANES - 1) // _LANES * _LANES)
+                    for j in range(rows):
                         i = min(i0 + j, steps - 1)
-                        first[j], last[j] = max(i + width + 1 - context, width - base[b], 0), i + width
-                    _attend_queries(staged, head, i0, keys, values, first, last, weights, acc)
-                    for j in range(min(_QUERIES, steps - i0)):
+                        f = np.uint64(max(i + width + 1 - context, start) - lo)
+                        l = np.uint64(i + width - lo)
+                        top = _visible_maximum(scores, j * score_width, padded_span, f, l)
+                        total = _F32(0.0)
+                        for c in range(padded_span):
+                            e = _exp(scores[j, c] - top) if f <= c <= l else _F32(0.0)
+                            scores[j, c] = e
+                            total += e
+                        inverse_totals[j] = _F32(1.0) / total
+                    for c in range(0, padded_dim, columns):
+                        _tile_product(scores, 0, score_width, values, lo * padded_dim + c, padded_dim, span, acc, c, padded_dim)
+                    for j in range(min(rows, steps - i0)):
                         for d in range(dim):
-                            out[b, i0 + j, head, d] = _stored(acc[j, d], out)
-
+                            out[b, i0 + j, head, d] = _stored(acc[j, d] * inverse_totals[j], out)
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """x = F.gelu(x, approximate="tanh") in place, in one pass, for a contiguous x (see
