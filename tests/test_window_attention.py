@@ -44,17 +44,17 @@ def expected(projected, window_k, window_v, base, context, heads):
 
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 2e-6, 1e-6), (torch.bfloat16, 2**-8, 1e-3)])
 @pytest.mark.parametrize(
-    "steps,width,context,heads,kv_heads",
+    "steps,width,context,heads,kv_heads,dim",
     [
-        (64, 49, 50, 4, 4),  # the 18M decoder: 4 frames of 16 positions, a full window
-        (1, 7, 8, 2, 2),  # one position
-        (7, 3, 50, 4, 2),  # a context longer than all keys; grouped heads; a partial block of queries
-        (13, 4, 5, 2, 1),  # a context shorter than the call
+        (64, 49, 50, 4, 4, 16),  # the 18M decoder: 4 frames of 16 positions, a full window
+        (1, 7, 8, 2, 2, 16),  # one position
+        (7, 3, 50, 4, 2, 16),  # a context longer than all keys; grouped heads; a partial block of queries
+        (13, 4, 5, 2, 1, 16),  # a context shorter than the call
+        (20, 45, 40, 2, 1, 24),  # channels and keys padded to whole 16-lane blocks; two score tiles a block
     ],
 )
-def test_window_attention_matches_float64_reference(dtype, rtol, atol, steps, width, context, heads, kv_heads):
+def test_window_attention_matches_float64_reference(dtype, rtol, atol, steps, width, context, heads, kv_heads, dim):
     torch.manual_seed(steps)
-    dim = 16
     rows = 3
     projected = torch.randn(rows, steps, (heads + 2 * kv_heads) * dim).to(dtype)
     window_k, window_v = (torch.randn(rows, kv_heads, width, dim).to(dtype) for _ in range(2))

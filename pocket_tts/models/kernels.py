@@ -16,8 +16,9 @@ input buffer of the convolution that follows (after its history rows).
 
 `window_attention` is the Mimi transformer's sliding-window attention over several new positions
 (RoPE, the window's append and each query's visible keys included: at most `context` of them,
-where SDPA took all and a mask), and `gelu_` its GELU in one pass; both float32 or bfloat16
-(computed in float32).
+where SDPA took all and a mask), its products register tiles written in LLVM IR (numba
+intrinsics: `_tile_product`, `_visible_maximum`, `_transpose_block`), and `gelu_` its GELU in one
+pass; both float32 or bfloat16 (computed in float32).
 
 The kernels run on the calling thread: with more torch threads than one the library kernels run
 in parallel instead (`applies`, `elu_applies`, `float_applies`).
