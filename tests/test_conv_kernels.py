@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pocket_tts.config import SEANetConfig
 from pocket_tts.models import kernels
-from pocket_tts.models.conv import SEANetDecoder, SEANetEncoder, _depthwise_transposed
+from pocket_tts.models.conv import ResidualBlock, SEANetDecoder, SEANetEncoder, StreamingConv1d, _depthwise_transposed
 
 
 # The kernels serve one-thread processes (`kernels.applies`), the engine's default.
@@ -98,7 +98,9 @@ def test_decoder_on_the_kernel_streams_and_matches_torchs_path(monkeypatch, pad_
     monkeypatch.setattr(kernels, "elu", lambda *args, **kw: calls.append(kw.get("history", 0)) or elu(*args, **kw))
     with torch.no_grad():
         once = decoder(x, decoder.init_state(3))
-        assert len(calls) == 7 and sum(1 for n in calls if n) == 3  # every ELU; the k=3 convs' history fused
+        # Every ELU and the k=3 convs' history fused; with zero padding the last ELU is the final conv's.
+        fused_end = pad_mode == "constant"
+        assert len(calls) == 7 - fused_end and sum(1 for n in calls if n) == 3 - fused_end
         pieces = decode_in_pieces(decoder, x, [1, 2, 4])
         monkeypatch.setattr(kernels, "elu_applies", lambda x: False)
         plain = decoder(x, decoder.init_state(3))
@@ -127,3 +129,22 @@ def test_bfloat16_depthwise_upsampling_rounds_once():
     got = _depthwise_transposed(x, weight, 4)  # time-major [B, T_out, C]
     assert got.dtype == torch.bfloat16
     assert torch.equal(got.transpose(1, 2), exact.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+def test_decoder_end_in_one_pass_streams_like_the_separate_ops(dtype, tol):
+    """x + h, the ELU and the conv to one channel (`kernels.residual_elu_conv`) against the three
+    ops, over three calls that carry the conv's history."""
+    torch.manual_seed(6)
+    conv = StreamingConv1d(24, 1, 3).eval().to(dtype)
+    x = torch.randn(3, 3 * 50 + 4, 24).to(dtype)[:, :-4].transpose(1, 2)  # rows 4 samples apart, as the decoder's
+    h = time_major(torch.randn(3, 24, 150)).to(dtype)
+    fused_state, plain_state = conv.init_state(3), conv.init_state(3)
+    with torch.no_grad():
+        assert conv.ends_on(ResidualBlock(24, 3, 1, 2, "constant"), x) and not x.is_contiguous()
+        for piece in (slice(0, 50), slice(50, 51), slice(51, 150)):
+            fused = conv.after_residual(x[..., piece], h[..., piece], fused_state)
+            plain = conv(x[..., piece] + h[..., piece], plain_state, activate=True)
+            assert fused.dtype == dtype and fused.shape == plain.shape
+            torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=1e-5)
+            assert torch.equal(fused_state["prev"], plain_state["prev"])  # the activated history, bit for bit

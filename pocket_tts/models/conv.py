@@ -114,6 +114,25 @@ class StreamingConv1d(nn.Module):
             x = joined.transpose(1, 2)
         return conv1d(self.packed, x, self.conv.weight, self.conv.bias, self.stride, self.dilation)
 
+    def ends_on(self, block: nn.Module, x: torch.Tensor) -> bool:
+        """Whether `after_residual` takes the output of `block` on x: a residual block, then this
+        conv to one channel (a SEANet decoder's last), on a time-major signal."""
+        return (
+            isinstance(block, ResidualBlock)
+            and self.conv.out_channels == self.stride == self.dilation == 1
+            and self.history > 0
+            and self.pad_mode == "constant"
+            and kernels.elu_applies(x.transpose(1, 2))
+        )
+
+    def after_residual(self, x: torch.Tensor, h: torch.Tensor, state: ConvState | None) -> torch.Tensor:
+        """self(x + h, state, activate=True) in one pass of `kernels.residual_elu_conv` (see `ends_on`)."""
+        state = self.init_state(x.shape[0]) if state is None else state
+        if not kernels.elu_applies(h.transpose(1, 2)):
+            h = h.transpose(1, 2).contiguous().transpose(1, 2)
+        out, state["prev"] = kernels.residual_elu_conv(x, h, state["prev"], self.conv.weight, self.conv.bias)
+        return out
+
 
 class StreamingConvTranspose1d(nn.Module):
     """ConvTranspose1d that emits exactly `stride` samples per input step.
@@ -204,10 +223,13 @@ class ResidualBlock(nn.Module):
         return [self.block[1].init_state(batch_size), self.block[3].init_state(batch_size)]
 
     def forward(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:
+        return x + self.branch(x, state)
+
+    def branch(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:
+        """What the block adds to x."""
         s1, s3 = (None, None) if state is None else state
         h = self.block[1](x, s1, activate=True)
-        h = self.block[3](h, s3, activate=True)
-        return x + h
+        return self.block[3](h, s3, activate=True)
 
 
 class _SEANet(nn.Module):
@@ -222,6 +244,10 @@ class _SEANet(nn.Module):
     def forward(self, x: torch.Tensor, state: list | None = None) -> torch.Tensor:
         activate = False
         for i, layer in enumerate(self.model):
+            if i == len(self.model) - 3 and self.model[-1].ends_on(layer, x):
+                # The last residual block's sum, the ELU and the conv to one channel: one pass.
+                block_state, last_state = (None, None) if state is None else (state[i], state[-1])
+                return self.model[-1].after_residual(x, layer.branch(x, block_state), last_state)
             if isinstance(layer, nn.ELU):
                 activate = True
             elif activate:
