@@ -18,7 +18,7 @@ decoder's end (last residual sum, ELU, conv to one channel) in one pass.
 `window_attention` is the Mimi transformer's sliding-window attention over several new positions
 (RoPE, the window's append and each query's visible keys included: at most `context` of them,
 where SDPA took all and a mask), its products register tiles written in LLVM IR (numba
-intrinsics: `_tile_product`, `_visible_maximum`, `_transpose_block`), and `gelu_` its GELU in one
+intrinsics: `_tile_product`, `_softmax_weights`, `_transpose_block`), and `gelu_` its GELU in one
 pass; both float32 or bfloat16 (computed in float32).
 
 The kernels run on the calling thread: with more torch threads than one the library kernels run
@@ -459,43 +459,74 @@ def _tile_product(typingctx, a, a_start, a_stride, b, b_start, b_stride, depth, 
 
 
 @intrinsic
-def _visible_maximum(typingctx, a, start, count, first, last):
-    """The largest of a's float32 elements start + k for first <= k <= last, reading k < count (a
-    multiple of 16) 16 lanes at a time: LLVM compiles a loop of scalar `max` to a chain of
-    dependent compares, in any form numba writes it (a softmax's ~4x slower)."""
+def _softmax_weights(typingctx, a, start, count, first, last):
+    """a[start + k] = e^(a[start + k] - top) for first <= k <= last and 0 for the other k < count
+    (a multiple of 16), top the largest of the former; returns their sum. 16 lanes at a time, e^x
+    as `_exp` computes it: LLVM compiled every numba form of the maximum to a chain of dependent
+    scalar compares, and numba's exp loop compared 64-bit key indices (2.4x slower in all)."""
     signature = types.float32(a, start, count, first, last)
 
     def codegen(context, builder, signature, args):
         kinds = signature.args
-        start, count, first, last = (context.cast(builder, args[i], kinds[i], types.uint64) for i in range(1, 5))
+        start, count = (context.cast(builder, args[i], kinds[i], types.intp) for i in (1, 2))
+        first, last = (context.cast(builder, args[i], kinds[i], types.int32) for i in (3, 4))
         data = context.make_array(kinds[0])(context, builder, args[0]).data
-        vector = ir.VectorType(ir.FloatType(), _LANES)
-        indices = ir.VectorType(ir.IntType(64), _LANES)
-        lowest = ir.Constant(vector, [float("-inf")] * _LANES)
-        top = cgutils.alloca_once_value(builder, lowest)
-        lanes = ir.Constant(indices, list(range(_LANES)))
-        width = ir.Constant(start.type, _LANES)
+        vector, indices = ir.VectorType(ir.FloatType(), _LANES), ir.VectorType(ir.IntType(32), _LANES)
+        fast = ("contract",)
 
         def splat(value, kind):
             one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), ir.Constant(indices, [0] * _LANES))
 
+        def constant(value):
+            return ir.Constant(vector, [float(_F32(value))] * _LANES)
+
+        def across(lanes, combine):  # the upper half's lanes against the lower's: 4 steps, not 15
+            half = _LANES // 2
+            while half:
+                lanes = combine(lanes, builder.shuffle_vector(lanes, lanes, ir.Constant(indices, [(i + half) % _LANES for i in range(_LANES)])))
+                half //= 2
+            return lanes
+
+        width = ir.Constant(start.type, _LANES)
         low, high = splat(first, indices), splat(last, indices)
-        with cgutils.for_range(builder, builder.udiv(count, width)) as loop:
-            at = builder.mul(loop.index, width)
-            values = builder.load(builder.bitcast(builder.gep(data, [builder.add(start, at)]), vector.as_pointer()), align=4)
-            k = builder.add(splat(at, indices), lanes)
-            visible = builder.and_(builder.icmp_unsigned(">=", k, low), builder.icmp_unsigned("<=", k, high))
-            values = builder.select(visible, values, lowest)
-            best = builder.load(top)
-            builder.store(builder.select(builder.fcmp_ordered(">", values, best), values, best), top)
-        best = builder.load(top)
-        half = _LANES // 2
-        while half:  # the upper half's lanes against the lower's: 4 steps, not 15
-            upper = builder.shuffle_vector(best, best, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [(i + half) % _LANES for i in range(_LANES)]))
-            best = builder.select(builder.fcmp_ordered(">", upper, best), upper, best)
-            half //= 2
-        return builder.extract_element(best, ir.Constant(ir.IntType(32), 0))
+        lanes = ir.Constant(indices, list(range(_LANES)))
+
+        def chunk(index):  # the address of 16 lanes, and which of them are visible
+            at = builder.mul(index, width)
+            k = builder.add(splat(builder.trunc(at, ir.IntType(32)), indices), lanes)
+            visible = builder.and_(builder.icmp_signed(">=", k, low), builder.icmp_signed("<=", k, high))
+            return builder.bitcast(builder.gep(data, [builder.add(start, at)]), vector.as_pointer()), visible
+
+        def larger(x, y):
+            return builder.select(builder.fcmp_ordered(">", x, y), x, y)
+
+        chunks = builder.sdiv(count, width)
+        lowest = constant(-np.inf)
+        top = cgutils.alloca_once_value(builder, lowest)
+        with cgutils.for_range(builder, chunks) as loop:
+            pointer, visible = chunk(loop.index)
+            builder.store(larger(builder.select(visible, builder.load(pointer, align=4), lowest), builder.load(top)), top)
+        highest = splat(builder.extract_element(across(builder.load(top), larger), ir.Constant(ir.IntType(32), 0)), vector)
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]), f"llvm.floor.v{_LANES}f32")
+        total = cgutils.alloca_once_value(builder, constant(0.0))
+        with cgutils.for_range(builder, chunks) as loop:
+            pointer, visible = chunk(loop.index)
+            x = builder.fsub(builder.load(pointer, align=4), highest)
+            x = builder.select(builder.fcmp_ordered("<", x, constant(-87.0)), constant(-87.0), x)
+            n = builder.call(floor, [builder.fadd(builder.fmul(x, constant(_LOG2E), flags=fast), constant(0.5), flags=fast)])
+            r = builder.fsub(builder.fsub(x, builder.fmul(n, constant(_LN2_HI), flags=fast), flags=fast), builder.fmul(n, constant(_LN2_LO), flags=fast), flags=fast)
+            series = constant(1 / 40320)
+            for coefficient in (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5):
+                series = builder.fadd(builder.fmul(series, r, flags=fast), constant(coefficient), flags=fast)
+            minus_one = builder.fadd(r, builder.fmul(builder.fmul(r, r, flags=fast), series, flags=fast), flags=fast)
+            exponent = builder.shl(builder.add(builder.fptosi(n, indices), ir.Constant(indices, [127] * _LANES)), ir.Constant(indices, [23] * _LANES))
+            scale = builder.bitcast(exponent, vector)
+            weights = builder.select(visible, builder.fadd(scale, builder.fmul(scale, minus_one, flags=fast), flags=fast), constant(0.0))
+            builder.store(weights, pointer, align=4)
+            builder.store(builder.fadd(builder.load(total), weights), total)
+        summed = across(builder.load(total), lambda x, y: builder.fadd(x, y))
+        return builder.extract_element(summed, ir.Constant(ir.IntType(32), 0))
 
     return signature, codegen
 
@@ -616,13 +647,7 @@ def _window_attention(proj, window_k, window_v, cos, sin, base, context, out, ke
                         i = min(i0 + j, steps - 1)
                         f = np.uint64(max(i + width + 1 - context, start) - lo)
                         l = np.uint64(i + width - lo)
-                        top = _visible_maximum(scores, j * score_width, padded_span, f, l)
-                        total = _F32(0.0)
-                        for c in range(padded_span):
-                            e = _exp(scores[j, c] - top) if f <= c <= l else _F32(0.0)
-                            scores[j, c] = e
-                            total += e
-                        inverse_totals[j] = _F32(1.0) / total
+                        inverse_totals[j] = _F32(1.0) / _softmax_weights(scores, j * score_width, padded_span, f, l)
                     for c in range(0, padded_dim, columns):
                         _tile_product(scores, 0, score_width, values, lo * padded_dim + c, padded_dim, span, acc, c, padded_dim)
                     for j in range(min(rows, steps - i0)):
