@@ -195,3 +195,17 @@ def test_softmax_exp_is_within_two_ulp_of_exp():
     got = np.array([kernels._exp(v) for v in x[::50]] + [kernels._exp(v) for v in x[-2:]], dtype=np.float32)
     want = np.exp(x[::50].astype(np.float64).tolist() + x[-2:].astype(np.float64).tolist())
     assert np.all(np.abs(got - want) <= 2 * np.spacing(want.astype(np.float32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_kernel_matches_the_exact_norm(dtype):
+    """The Mimi transformer's norms (`kernels.layer_norm`): float32 to rounding, bfloat16 rounded once."""
+    torch.manual_seed(7)
+    x = (torch.randn(3, 40, 128) * 4 + 2).to(dtype)  # an offset mean: cancellation would show
+    weight, bias = (torch.rand(128) + 0.5).to(dtype), torch.randn(128).to(dtype)
+    with torch.no_grad():
+        got = kernels.layer_norm(x, weight, bias, 1e-5)
+    exact = F.layer_norm(x.double(), (128,), weight.double(), bias.double(), 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=0, atol=4e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)  # bfloat16: half an ulp
+    torch.testing.assert_close(got.double(), exact, **tol)

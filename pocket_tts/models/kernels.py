@@ -161,19 +161,26 @@ def _put_positions(cache, new, at):  # pragma: no cover (compiled)
 
 @_kernel
 def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover (compiled)
+    """out = LayerNorm(x) per row of x [rows, C], float32 or bfloat16 bits (computed in float32,
+    rounded once). All in float32: a mean divided by the int width was float64, and so was every
+    pass after it (an 18M Mimi layer's [2048, 128] bfloat16: 270 -> 120 us; torch's 190-250)."""
     rows, width = x.shape
+    w, b = np.empty(width, dtype=_F32), np.empty(width, dtype=_F32)
+    for c in range(width):
+        w[c], b[c] = _float32(weight[c]), _float32(bias[c])
+    per_value = _F32(1.0) / _F32(width)
     for j in range(rows):
-        mean = _F32(0.0)
+        total = _F32(0.0)
         for c in range(width):
-            mean += x[j, c]
-        mean /= width
-        var = _F32(0.0)
+            total += _float32(x[j, c])
+        mean = total * per_value
+        squares = _F32(0.0)
         for c in range(width):
-            delta = x[j, c] - mean
-            var += delta * delta
-        inv = _F32(1.0) / np.sqrt(var / width + eps)
+            delta = _float32(x[j, c]) - mean
+            squares += delta * delta
+        inv = _F32(1.0) / np.sqrt(squares * per_value + eps)
         for c in range(width):
-            out[j, c] = (x[j, c] - mean) * inv * weight[c] + bias[c]
+            out[j, c] = _stored((_float32(x[j, c]) - mean) * inv * w[c] + b[c], out)
 
 
 @_kernel
@@ -684,8 +691,17 @@ def residual_elu_conv(x: torch.Tensor, h: torch.Tensor, prev: torch.Tensor, weig
     return out, kept
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dimension of a contiguous x (see `float_applies`), weight and
+    bias in x's dtype, in one kernel call."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    width = x.shape[-1]
+    _layer_norm_rows(_bits(x).reshape(-1, width), _bits(weight), _bits(bias), np.float32(eps), _bits(out).reshape(-1, width))
+    return out
+
+
 def float_applies(x: torch.Tensor) -> bool:
-    """Whether the float kernels (`gelu_`, `window_attention`) take x: float32 or bfloat16 on the
+    """Whether the float kernels (`gelu_`, `layer_norm`, `window_attention`) take x: float32 or bfloat16 on the
     CPU, one thread (with more, torch's ops run in parallel), no autograd."""
     return (
         x.dtype in (torch.float32, torch.bfloat16)

@@ -304,9 +304,17 @@ class TransformerLayer(nn.Module):
             self.layer_scale_2 = LayerScale(d_model, layer_scale)
 
     def forward(self, x: torch.Tensor, state: LayerState | None, tables: dict | None = None) -> torch.Tensor:
-        x = _add_scaled(x, self.layer_scale_1, self.self_attn(self.norm1(x), state, tables))
-        hidden = gelu_(self.linear1(self.norm2(x)))
+        x = _add_scaled(x, self.layer_scale_1, self.self_attn(_layer_norm(self.norm1, x), state, tables))
+        hidden = gelu_(self.linear1(_layer_norm(self.norm2, x)))
         return _add_scaled(x, self.layer_scale_2, self.linear2(hidden))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x), on `kernels.layer_norm` where it applies (an 18M-layout Mimi layer's [32, 64, 128]
+    in bfloat16: ~120 against torch's 190-250 us)."""
+    if x.is_contiguous() and kernels.float_applies(x) and norm.weight.dtype == x.dtype:
+        return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def _add_scaled(x: torch.Tensor, scale: nn.Module, y: torch.Tensor) -> torch.Tensor:
