@@ -218,18 +218,17 @@ def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotat
     _layer_norm_rows(mid, norm2[0], norm2[1], eps, h)
     hidden = np.empty((rows, linear1.shape[0]), dtype=_F32)
     _rows_by_weight(h, linear1, _NONE_1D, _NONE_2D, hidden)
-    for j in range(rows):  # GELU, tanh approximation
-        for c in range(hidden.shape[1]):
-            v = hidden[j, c]
-            hidden[j, c] = _F32(0.5) * v * (_F32(1.0) + np.tanh(_F32(0.7978845608028654) * (v + _F32(0.044715) * v * v * v)))
+    _gelu_values(hidden.reshape(-1))
     _rows_by_weight(hidden, linear2, _NONE_1D, mid, out)
 
 
-@_kernel
+@_dividing_kernel
 def _silu_rows(x):  # pragma: no cover (compiled)
     for j in range(x.shape[0]):
         for c in range(x.shape[1]):
-            x[j, c] = x[j, c] / (_F32(1.0) + np.exp(-x[j, c]))
+            v = x[j, c]
+            # Below -88 SiLU is below float32's smallest normal: a signed zero.
+            x[j, c] = v / (_F32(1.0) + _exp(-v)) if v >= _F32(-88.0) else v * _F32(0.0)
 
 
 @_kernel
