@@ -79,7 +79,8 @@ def test_attend_matches_softmax_attention_over_each_rows_visible_keys(dtype):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeypatch, cache_dtype):
     """Attention has no weight shared by rows: 6 rows at their own offsets and pads take the kernel
-    (the products take the library kernels) and match torch's ops (two threads), over either cache."""
+    (the products take the library kernels), with one thread or two, and match torch's ops
+    (autograd on), over either cache."""
     torch.manual_seed(3)
     model = Transformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64).eval()
     rows = kernels.MAX_ROWS + 2
@@ -95,16 +96,19 @@ def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeyp
             for state in states:
                 state["offset"] -= torch.arange(rows) % 3  # rows at positions 5..7
                 state["pad"][1] = 2  # a row whose first keys are hidden
-            copies = [{key: t.clone() for key, t in state.items()} for state in states]
+            copies = [[{key: t.clone() for key, t in state.items()} for state in states] for _ in range(2)]
             torch.set_num_threads(1)
             got = model.step(x, states)
             assert len(calls) == len(model.layers)
             torch.set_num_threads(2)
-            want = model.step(x, copies)
-            assert len(calls) == len(model.layers)  # two threads: torch's ops
+            got_two_threads = model.step(x, copies[0])
+            assert len(calls) == 2 * len(model.layers)
+        want = model.step(x, copies[1]).detach()
+        assert len(calls) == 2 * len(model.layers)  # autograd: torch's ops
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_two_threads, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 3])

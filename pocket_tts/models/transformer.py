@@ -362,7 +362,7 @@ class StepLayer:
         queries = q.view(b, kv_heads, heads // kv_heads, head_dim)
         # The kernel at any row count: rows share no keys, and it reads each row's at ~18 GB/s where
         # torch's products read ~8 (8 rows at 321 positions, int8 backbone step: 25-28 -> 17.5-19 ms).
-        if frame["visible"] is not None and kernels.applies(x, cache, None, (torch.float32, torch.bfloat16)):
+        if frame["visible"] is not None and kernels.attend_applies(x, cache):
             return kernels.attend(queries, cache, *frame["visible"], new).view(b, heads * head_dim)
         cache[frame["at"]] = new
         keys, values = cache.narrow(2, 0, frame["end"]).transpose(2, 3).to(q.dtype).unbind(0)  # [B, KV, T, D]
