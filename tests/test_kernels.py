@@ -111,6 +111,30 @@ def test_step_attention_takes_the_kernel_for_more_rows_than_the_products(monkeyp
     torch.testing.assert_close(got_two_threads, want, rtol=1e-5, atol=1e-5)
 
 
+def test_step_attention_takes_the_kernel_on_the_first_rows_of_a_larger_cache(monkeypatch):
+    """The batcher steps views of its caches' first rows: not contiguous as a whole, but the keys
+    and the values each are, so the kernel takes them (it once gave them to torch's ops)."""
+    torch.manual_seed(4)
+    model = Transformer(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64).eval()
+    rows = kernels.MAX_ROWS + 1
+    batch = [layer.self_attn.init_linear_state(rows + 3, 16) for layer in model.layers]
+    views = [{key: (t[:, :rows] if key == "cache" else t[:rows]) for key, t in state.items()} for state in batch]
+    calls = []
+    attend = kernels.attend
+    monkeypatch.setattr(kernels, "attend", lambda *args: calls.append(1) or attend(*args))
+    x = torch.randn(rows, 32)
+    with torch.no_grad():
+        model(torch.randn(rows, 7, 32), views)
+        copies = [{key: t.clone() for key, t in state.items()} for state in views]
+        got = model.step(x, views)
+    assert not views[0]["cache"].is_contiguous() and len(calls) == len(model.layers)
+    want = model.step(x, copies).detach()  # autograd on: torch's ops
+    assert len(calls) == len(model.layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for view, copy in zip(views, copies):
+        torch.testing.assert_close(view["cache"], copy["cache"].detach())  # the new keys and values, in the batch's memory
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fused_layer_step_equals_torchs_ops(rows, monkeypatch):
     """The one-call layer (`kernels.layer_step`) against torch's ops (no kernel), grouped-query attention

@@ -153,11 +153,11 @@ def _attend_rows(queries, keys, values, first, last, out):  # pragma: no cover (
 
 
 @_kernel
-def _put_positions(cache, new, at):  # pragma: no cover (compiled)
-    """cache[:, b, at[b]] = new[:, b] for cache [2, B, T, KV, D] and new [2, B, KV, D]."""
-    for i in range(2):
-        for b in range(new.shape[1]):
-            cache[i, b, at[b]] = new[i, b]
+def _put_positions(keys, values, new, at):  # pragma: no cover (compiled)
+    """keys[b, at[b]], values[b, at[b]] = new[:, b] for keys / values [B, T, KV, D] and new [2, B, KV, D]."""
+    for b in range(new.shape[1]):
+        keys[b, at[b]] = new[0, b]
+        values[b, at[b]] = new[1, b]
 
 
 @_kernel
@@ -185,10 +185,10 @@ def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover (compiled)
 
 
 @_kernel
-def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotation, cache, first, last, heads, out):  # pragma: no cover (compiled)
+def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotation, keys, values, first, last, heads, out):  # pragma: no cover (compiled)
     """One pre-norm transformer layer for one new position per row (see `layer_step`)."""
     rows, width = x.shape
-    kv_heads, dim = cache.shape[3], cache.shape[4]
+    kv_heads, dim = keys.shape[2], keys.shape[3]
     group, half = heads // kv_heads, dim // 2
     h = np.empty((rows, width), dtype=_F32)
     _layer_norm_rows(x, norm1[0], norm1[1], eps, h)
@@ -210,10 +210,10 @@ def _layer_step(x, norm1, norm2, eps, in_proj, out_proj, linear1, linear2, rotat
         at = last[j]
         for head in range(kv_heads):
             for d in range(dim):
-                cache[0, j, at, head, d] = qkv[j, (heads + head) * dim + d]
-                cache[1, j, at, head, d] = qkv[j, (heads + kv_heads + head) * dim + d]
+                keys[j, at, head, d] = qkv[j, (heads + head) * dim + d]
+                values[j, at, head, d] = qkv[j, (heads + kv_heads + head) * dim + d]
     attended = np.empty((rows, kv_heads, group, dim), dtype=_F32)
-    _attend_rows(queries, cache[0], cache[1], first, last, attended)
+    _attend_rows(queries, keys, values, first, last, attended)
     mid = np.empty((rows, width), dtype=_F32)
     _rows_by_weight(attended.reshape(rows, heads * dim), out_proj, _NONE_1D, x, mid)
     _layer_norm_rows(mid, norm2[0], norm2[1], eps, h)
@@ -810,27 +810,27 @@ def attend(queries: torch.Tensor, cache: torch.Tensor, first: np.ndarray, last: 
     """Each row's queries [B, KV, G, D] (scaled) against its cached positions first..last (inclusive),
     after writing its new key and value (`new` [2, B, KV, D], the cache's dtype) at position last.
 
-    `cache`: the [2, B, T, KV, D] keys and values (`transformer.linear_cache`), float32 or bfloat16.
-    (torch's index_put for the write cost ~160 us per 32-row layer.)
+    `cache`: the [2, B, T, KV, D] keys and values (`transformer.linear_cache`, or its first rows),
+    float32 or bfloat16, each half contiguous. (torch's index_put for the write cost ~160 us per
+    32-row layer.)
     """
     out = torch.empty(queries.shape)
-    keys_values = _bits(cache)
-    _put_positions(keys_values, _bits(new.contiguous()), last)
-    _attend_rows(as_array(queries), keys_values[0], keys_values[1], first, last, out.numpy())
+    keys, values = _bits(cache[0]), _bits(cache[1])
+    _put_positions(keys, values, _bits(new.contiguous()), last)
+    _attend_rows(as_array(queries), keys, values, first, last, out.numpy())
     return out
 
 
-def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: np.ndarray, first: np.ndarray, last: np.ndarray, heads: int) -> torch.Tensor:
+def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: torch.Tensor, first: np.ndarray, last: np.ndarray, heads: int) -> torch.Tensor:
     """x + attention + feed-forward of one float32 pre-norm layer (no biases, no layer scale) for x [B, d]:
     LayerNorm, projection, RoPE (`rotation` [B or 1, heads + kv_heads, head_dim / 2, (cos, sin)]),
-    the new key and value written at position last[b] of `cache` ([2, B, T, KV, D],
-    `transformer.linear_cache`), attention over positions first[b]..last[b], output
+    the new key and value written at position last[b] of `cache` (float32, as for `attend`), attention over positions first[b]..last[b], output
     projection and residual, LayerNorm, GELU feed-forward and residual, all in one call.
 
     `weights`: (norm1 (weight, bias), norm2 (weight, bias), eps, in_proj, out_proj, linear1, linear2) as arrays.
     """
     out = torch.empty(x.shape)
-    _layer_step(as_array(x, _NONE_2D), *weights, rotation, cache, first, last, heads, out.numpy())
+    _layer_step(as_array(x, _NONE_2D), *weights, rotation, cache[0].numpy(), cache[1].numpy(), first, last, heads, out.numpy())
     return out
 
 

@@ -344,7 +344,7 @@ class StepLayer:
     def __call__(self, x: torch.Tensor, state: LayerState, frame: dict) -> torch.Tensor:
         if self.fused is not None and frame["visible"] is not None and kernels.applies(x, state["cache"]):
             # The whole layer in one kernel call: ~20 tensor ops of 3-15 us each saved per layer.
-            return kernels.layer_step(x, self.fused, frame["turns"], state["cache"].numpy(), *frame["visible"], self.heads)
+            return kernels.layer_step(x, self.fused, frame["turns"], state["cache"], *frame["visible"], self.heads)
         x = self.add_out(x, self.attend(F.layer_norm(x, *self.norm1), state, frame))
         h = F.gelu(self.linear1(F.layer_norm(x, *self.norm2)), approximate="tanh")
         return self.add_linear2(x, h)
@@ -474,10 +474,12 @@ class Transformer(nn.Module):
             key_positions = torch.arange(end)
             hidden = (key_positions > offsets[:, None]) | (key_positions < pad[:, None])
             hidden = hidden[:, None, None]  # [B, 1, 1, T]: every head and query of the row
-        # The kernels read contiguous caches (`linear_cache`); other layouts take torch's ops.
-        contiguous = state["cache"].is_contiguous()
-        visible = (pad.numpy().copy(), offsets.numpy().copy()) if contiguous else None  # first, last key of each row
-        turns = torch.view_as_real(rotation).numpy() if contiguous else None
+        # The kernels read the keys and the values each as contiguous memory: `linear_cache`, and the
+        # batcher's views of its first rows (with the whole cache's contiguity as the test, a partial
+        # batch took torch's ops). Other layouts take torch's ops.
+        dense = all(half.is_contiguous() for half in state["cache"])
+        visible = (pad.numpy().copy(), offsets.numpy().copy()) if dense else None  # first, last key of each row
+        turns = torch.view_as_real(rotation).numpy() if dense else None
         return {"at": at, "end": end, "rotation": rotation, "hidden": hidden, "visible": visible, "turns": turns}
 
     def _step_layers(self) -> list[StepLayer]:
