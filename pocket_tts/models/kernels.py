@@ -267,6 +267,8 @@ def _head_velocity(y, x, modulation, input_proj, norms, inners, outers, final, e
 # exp(x) = 2^n e^r, x = n ln2 + r, |r| <= ln2 / 2; ln2 in two parts so that n ln2 is exact
 # for the n ELU meets (n >= -126: below x = -87 ELU is -1 in float32 anyway).
 _LN2_HI, _LN2_LO, _LOG2E = _F32(0.693359375), _F32(-2.12194440e-4), _F32(1.4426950408889634)
+# (e^r - 1 - r) / r^2 as a polynomial in r, Horner order: 1/8!, 1/7!, ..., 1/2!.
+_EXP_SERIES = tuple(_F32(1 / math.factorial(k)) for k in range(8, 1, -1))
 
 
 @_kernel
@@ -276,13 +278,9 @@ def _exp_parts(x):  # pragma: no cover (compiled)
     v = max(x, _F32(-87.0))
     n = np.floor(v * _LOG2E + _F32(0.5))
     r = v - n * _LN2_HI - n * _LN2_LO
-    p = _F32(1 / 40320)
-    p = p * r + _F32(1 / 5040)
-    p = p * r + _F32(1 / 720)
-    p = p * r + _F32(1 / 120)
-    p = p * r + _F32(1 / 24)
-    p = p * r + _F32(1 / 6)
-    p = p * r + _F32(0.5)
+    p = _EXP_SERIES[0]
+    for coefficient in _EXP_SERIES[1:]:
+        p = p * r + coefficient
     scale = np.int32((np.int32(n) + 127) << 23).view(np.float32)  # 2^n from its exponent bits
     return scale, r + r * r * p
 
@@ -524,8 +522,8 @@ def _softmax_weights(typingctx, a, start, count, first, last):
             x = builder.select(builder.fcmp_ordered("<", x, constant(-87.0)), constant(-87.0), x)
             n = builder.call(floor, [builder.fadd(builder.fmul(x, constant(_LOG2E), flags=fast), constant(0.5), flags=fast)])
             r = builder.fsub(builder.fsub(x, builder.fmul(n, constant(_LN2_HI), flags=fast), flags=fast), builder.fmul(n, constant(_LN2_LO), flags=fast), flags=fast)
-            series = constant(1 / 40320)
-            for coefficient in (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5):
+            series = constant(_EXP_SERIES[0])
+            for coefficient in _EXP_SERIES[1:]:
                 series = builder.fadd(builder.fmul(series, r, flags=fast), constant(coefficient), flags=fast)
             minus_one = builder.fadd(r, builder.fmul(builder.fmul(r, r, flags=fast), series, flags=fast), flags=fast)
             exponent = builder.shl(builder.add(builder.fptosi(n, indices), ir.Constant(indices, [127] * _LANES)), ir.Constant(indices, [23] * _LANES))
@@ -663,6 +661,7 @@ def _window_attention(proj, window_k, window_v, cos, sin, base, context, out, ke
                     for j in range(min(rows, steps - i0)):
                         for d in range(dim):
                             out[b, i0 + j, head, d] = _stored(acc[j, d] * inverse_totals[j], out)
+
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """x = F.gelu(x, approximate="tanh") in place, in one pass, for a contiguous x (see
@@ -824,8 +823,9 @@ def attend(queries: torch.Tensor, cache: torch.Tensor, first: np.ndarray, last: 
 def layer_step(x: torch.Tensor, weights: tuple, rotation: np.ndarray, cache: torch.Tensor, first: np.ndarray, last: np.ndarray, heads: int) -> torch.Tensor:
     """x + attention + feed-forward of one float32 pre-norm layer (no biases, no layer scale) for x [B, d]:
     LayerNorm, projection, RoPE (`rotation` [B or 1, heads + kv_heads, head_dim / 2, (cos, sin)]),
-    the new key and value written at position last[b] of `cache` (float32, as for `attend`), attention over positions first[b]..last[b], output
-    projection and residual, LayerNorm, GELU feed-forward and residual, all in one call.
+    the new key and value written at position last[b] of `cache` (float32, as for `attend`),
+    attention over positions first[b]..last[b], output projection and residual, LayerNorm, GELU
+    feed-forward and residual, all in one call.
 
     `weights`: (norm1 (weight, bias), norm2 (weight, bias), eps, in_proj, out_proj, linear1, linear2) as arrays.
     """
