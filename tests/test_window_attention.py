@@ -12,11 +12,9 @@ from pocket_tts.models.transformer import Transformer, apply_rope, concat_window
 pytestmark = pytest.mark.usefixtures("one_thread")  # the kernels serve one-thread processes
 
 
-def rotations(base: torch.Tensor, steps: int, heads: int, kv_heads: int, dim: int):
-    """`window_attention`'s cos / sin for rows starting at positions `base` (queries' scaled)."""
-    cos, sin = rope_tables(base[:, None] + torch.arange(steps), dim, 10000.0)
-    scale = torch.tensor([dim**-0.5] * heads + [1.0] * kv_heads)[:, None]
-    return (cos[..., 0::2] * scale).numpy(), (sin[..., 1::2] * scale).numpy()
+def rotations(base: torch.Tensor, steps: int, dim: int):
+    """`window_attention`'s cos / sin for rows starting at positions `base`."""
+    return tuple(table.squeeze(2).numpy() for table in rope_tables(base[:, None] + torch.arange(steps), dim, 10000.0))
 
 
 def expected(projected, window_k, window_v, base, context, heads):
@@ -63,7 +61,7 @@ def test_window_attention_matches_float64_reference(dtype, rtol, atol, steps, wi
     base = torch.tensor([100, 2, 0])
     with torch.no_grad():
         got, kept_k, kept_v = kernels.window_attention(
-            projected, window_k, window_v, *rotations(base, steps, heads, kv_heads, dim), base.numpy(), context, heads
+            projected, window_k, window_v, *rotations(base, steps, dim), base.numpy(), context, heads
         )
     want, want_k, want_v = expected(projected, window_k, window_v, base, context, heads)
     assert got.dtype == dtype and got.shape == (rows, steps, heads * dim)

@@ -147,9 +147,7 @@ class Attention(nn.Module):
             b, t, _ = projected.shape
             positions = self._positions(state, b, t)
             cos, sin = rope_tables(positions if "start" in state else positions[:1], self.head_dim, self.max_period)
-            # Per head and channel pair, the queries' scaled: [B or 1, T, H + KV, D / 2].
-            scale = torch.tensor([self.head_dim**-0.5] * self.num_heads + [1.0] * self.num_kv_heads)[:, None]
-            tables["turns"] = tuple((table[..., pick] * scale).numpy() for table, pick in ((cos, slice(0, None, 2)), (sin, slice(1, None, 2))))
+            tables["turns"] = tuple(table.squeeze(2).numpy() for table in (cos, sin))  # [B or 1, T, D]
             tables["base"] = positions[:, 0].contiguous().numpy()
         out, state["k"], state["v"] = kernels.window_attention(
             projected, state["k"], state["v"], *tables["turns"], tables["base"], self.context, self.num_heads
