@@ -18,8 +18,8 @@ decoder's end (last residual sum, ELU, conv to one channel) in one pass.
 `window_attention` is the Mimi transformer's sliding-window attention over several new positions
 (RoPE, the window's append and each query's visible keys included: at most `context` of them,
 where SDPA took all and a mask), its products register tiles written in LLVM IR (numba
-intrinsics: `_tile_product`, `_softmax_block`, `_transpose_block`), and `gelu_` its GELU in one
-pass; both float32 or bfloat16 (computed in float32).
+intrinsics: `_tile_product`, `_softmax_block`, `_rotate_pairs`, `_transpose_block`, `_prefetch`),
+and `gelu_` its GELU in one pass; both float32 or bfloat16 (computed in float32).
 
 The kernels run on the calling thread: with more torch threads than one the library kernels run
 in parallel instead (`applies`, `elu_applies`, `float_applies`), except for attention over the
@@ -551,8 +551,8 @@ def _rotate_pairs(typingctx, a, a_start, cos, sin, table_start, scale, out, out_
     array's elements from its flat offset `start`: RoPE of channel pairs (a, b) with tables that hold
     each pair's cosine twice and (-sine, sine). `a` float32 or bfloat16 bits (widened), the tables
     and out float32, out's values rounded to bfloat16 (as `_stored`) where the array `like` holds
-    bfloat16 bits (keys as the window stores them: 0.11 -> 0.05 ms of an 18M layer than in a pass of
-    their own). An 18M layer's queries (32 rows x 64 positions x 4 heads of 32): 0.06-0.08 ms
+    bfloat16 bits (keys as the window stores them: 0.05 ms of an 18M layer against 0.11 in a pass
+    of their own). An 18M layer's queries (32 rows x 64 positions x 4 heads of 32): 0.06-0.08 ms
     against 0.26 for numba's loop over pairs."""
     signature = types.void(a, a_start, cos, sin, table_start, scale, out, out_start, count, like)
 
@@ -563,6 +563,10 @@ def _rotate_pairs(typingctx, a, a_start, cos, sin, table_start, scale, out, out_
         factor = context.cast(builder, args[5], kinds[5], types.float32)
         vector, indices = ir.VectorType(ir.FloatType(), _LANES), ir.VectorType(ir.IntType(32), _LANES)
         width = ir.Constant(count.type, _LANES)
+        factors = builder.shuffle_vector(builder.insert_element(ir.Constant(vector, ir.Undefined), factor, ir.Constant(ir.IntType(32), 0)), ir.Constant(vector, ir.Undefined), ir.Constant(indices, [0] * _LANES))
+
+        def integers(value):
+            return ir.Constant(indices, [value] * _LANES)
 
         def lanes(data, start, at, kind=vector):
             return builder.bitcast(builder.gep(data, [builder.add(start, at)]), kind.as_pointer())
@@ -571,7 +575,7 @@ def _rotate_pairs(typingctx, a, a_start, cos, sin, table_start, scale, out, out_
             at = builder.mul(loop.index, width)
             if kinds[0].dtype == types.uint16:  # bfloat16 bits: the upper half of a float32's
                 bits = builder.load(lanes(a_data, a_start, at, ir.VectorType(ir.IntType(16), _LANES)), align=2)
-                x = builder.bitcast(builder.shl(builder.zext(bits, indices), ir.Constant(indices, [16] * _LANES)), vector)
+                x = builder.bitcast(builder.shl(builder.zext(bits, indices), integers(16)), vector)
             else:
                 x = builder.load(lanes(a_data, a_start, at), align=4)
             swapped = builder.shuffle_vector(x, x, ir.Constant(indices, [k ^ 1 for k in range(_LANES)]))
@@ -580,15 +584,11 @@ def _rotate_pairs(typingctx, a, a_start, cos, sin, table_start, scale, out, out_
                 builder.fmul(swapped, builder.load(lanes(sin_data, table_start, at), align=4)),
                 flags=("contract",),
             )
-            scaled = builder.fmul(turned, builder.shuffle_vector(builder.insert_element(ir.Constant(vector, ir.Undefined), factor, ir.Constant(ir.IntType(32), 0)), ir.Constant(vector, ir.Undefined), ir.Constant(indices, [0] * _LANES)))
+            scaled = builder.fmul(turned, factors)
             if kinds[9].dtype == types.uint16:  # to nearest, ties to even, as `_to_bfloat16`
-
-                def splat(value):
-                    return ir.Constant(indices, [value] * _LANES)
-
                 bits = builder.bitcast(scaled, indices)
-                odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
-                scaled = builder.bitcast(builder.and_(builder.add(builder.add(bits, splat(0x7FFF)), odd), splat(-65536)), vector)
+                odd = builder.and_(builder.lshr(bits, integers(16)), integers(1))
+                scaled = builder.bitcast(builder.and_(builder.add(builder.add(bits, integers(0x7FFF)), odd), integers(-65536)), vector)
             builder.store(scaled, lanes(out_data, out_start, at), align=4)
         return context.get_dummy_value()
 
@@ -743,8 +743,9 @@ def _window_attention(proj, window_k, window_v, cos, sin, base, context, out, ke
                     values[width + i, d] = _float32(proj[b, i, heads + kv_heads + h, d])
             for head in range(h * group, (h + 1) * group):
                 for i0 in range(0, steps, rows):
-                    # The next row's projection, a share a block: read in RoPE's order (8 heads' 64 bytes
-                    # of every 768 at 18M) the prefetchers left it to memory, 0.21 ms of a 1.5 ms layer.
+                    # The next row's projection, a share a block: RoPE reads it a head (64 bytes of every
+                    # 768 at 18M) at a time, which the prefetchers left to memory (the queries' RoPE of
+                    # an 18M layer: 0.21 ms of ~1.5, 0.05 with these).
                     if b + 1 < batch:
                         _prefetch_share(proj, b + 1, block, blocks)
                     block += 1
