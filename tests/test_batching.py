@@ -185,3 +185,32 @@ def test_the_decoder_runs_on_groups_of_frames_after_a_streams_first_frame(parity
     assert calls == [1] + [DECODE_FRAMES] * groups + [rest] * (rest > 0)
     frame_size = parity_model.mimi.frame_size
     assert [p.numel() for p in pieces[:2]] == [frame_size, DECODE_FRAMES * frame_size]
+
+
+def test_streams_without_a_listener_join_and_end_with_the_decoders_groups(parity_model, voices, monkeypatch):
+    """No `on_audio`: no first frame decoded alone, a stream that ends waits for its row's group, and
+    a request arriving meanwhile joins where no latents wait, so every decoder call has
+    DECODE_FRAMES frames; each request's audio is still the one it gets alone."""
+    texts = ["Hello there.", "The quick brown fox jumps over the lazy dog. Then it rests.", "Yes, indeed."]
+    expected = [parity_model.generate_audio(voices["voice_24k"], t, temp=0.0) for t in texts]
+    calls = []
+    decode = parity_model.mimi.decode
+
+    def recorded_decode(latents, state):
+        calls.append(latents.shape[1])
+        return decode(latents, state)
+
+    monkeypatch.setattr(parity_model.mimi, "decode", recorded_decode)
+    batcher = BatchedSynthesizer(parity_model, max_batch=2)
+    late: list = []
+    try:
+        first, second = (batcher.submit(voices["voice_24k"], t, temp=0.0) for t in texts[:2])
+        # on the loop thread as the first ends, while the second's row runs on
+        first.add_done_callback(lambda _: late.append(batcher.submit(voices["voice_24k"], texts[2], temp=0.0)))
+        results = [first.result(timeout=120), second.result(timeout=120)]
+        results.append(late[0].result(timeout=120))
+    finally:
+        batcher.close()
+    for got, want in zip(results, expected):
+        assert got.shape == want.shape and (got - want).abs().max().item() < TOL
+    assert calls and set(calls) == {DECODE_FRAMES}
