@@ -4,6 +4,7 @@
     python scripts/benchmark_fleet.py                              # full-size random weights, float32
     python scripts/benchmark_fleet.py --language english_18m_2026-10   # another shipped layout, random weights
     python scripts/benchmark_fleet.py --precision float32,int8 --json
+    python scripts/benchmark_fleet.py --modes batching --processes 2   # only the batching 2 x 1 split of 2 cores
     python scripts/benchmark_fleet.py --config m/config.yaml --weights m/model.safetensors --voice m/voice.wav
     python scripts/benchmark_fleet.py --quick                      # small parity checkpoint: a smoke test
 
@@ -113,6 +114,10 @@ def parse_args() -> argparse.Namespace:
         "--decoder-precision", default="float32", help="POCKET_TTS_DECODER_PRECISION of every split: float32, bfloat16"
     )
     parser.add_argument("--modes", default="prefork,batching", help="comma-separated: prefork, batching")
+    parser.add_argument(
+        "--processes",
+        help="comma-separated worker process counts: only those splits (e.g. 2 for 2 x 1 of 2 cores; default: every split)",
+    )
     parser.add_argument("--temperature", type=float, default=0.3)
     parser.add_argument(
         "--wait-idle",
@@ -136,6 +141,12 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--cores {args.cores} is more than the {usable} usable CPUs: workers would refuse to start")
     if args.weights and not args.config:
         parser.error("--weights goes with --config")
+    args.splits = splits_of(args.cores, args.precisions, args.modes)
+    if args.processes:
+        wanted = {p.strip() for p in args.processes.split(",")}
+        args.splits = [split for split in args.splits if str(split.processes) in wanted]
+        if not args.splits:
+            parser.error(f"--processes {args.processes}: no split of {args.cores} core(s) has that many worker processes")
     return args
 
 
@@ -330,7 +341,7 @@ def measure(args, workdir: Path) -> dict:
             bench.log(f"started redis-server at {broker_url}")
         result_backend = os.environ.get("CELERY_RESULT_BACKEND") or broker_url
         fleet = Fleet(args, broker_url, result_backend, settings, workdir, redis_pid)
-        results = [fleet.run(split) for split in splits_of(args.cores, args.precisions, args.modes)]
+        results = [fleet.run(split) for split in args.splits]
     return {
         "machine": {**bench.machine_info(), "usable_cpus": usable_cpus().count},
         "model": described,
