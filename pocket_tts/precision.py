@@ -7,16 +7,24 @@ norms stay in float32. The Mimi decoder is compute-bound at batch (the small mod
 ~133 MFLOP per frame): in bfloat16 (weights, activations and streaming state) its products
 and convolutions run on AVX-512 BF16 and its signals move half the bytes; its audio comes
 out in float32. Drift against float32 is measured in docs/performance.md.
+
+On CPUs without bfloat16 support (`onednn.NATIVE_BFLOAT16`, e.g. AVX2 only) bfloat16 still runs,
+on torch's generic kernels, but slower than float32 (an AVX2 EPYC, 18M layout, one stream: decoder
+~4x, backbone ~2x slower), so loading it logs a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 from torch import nn
 
+from pocket_tts.models import onednn
 from pocket_tts.precision_env import PRECISIONS, precision_name
+
+logger = logging.getLogger(__name__)
 
 
 def check_precision(value: str, source: str | None = None) -> str:
@@ -60,6 +68,7 @@ def lower_backbone_precision(transformer: nn.Module, precision: str) -> None:
     """Swap the attention and feed-forward linears of `transformer.layers` in place."""
     if precision == "float32":
         return
+    _warn_without_native_bfloat16(precision, "backbone")
     make = Int8Linear if precision == "int8" else BFloat16Linear
     for layer in transformer.layers:
         attn = layer.self_attn
@@ -74,6 +83,13 @@ def lower_decoder_precision(mimi: nn.Module, precision: str) -> None:
     """
     if precision == "float32":
         return
+    _warn_without_native_bfloat16(precision, "Mimi decoder")
     for part in (mimi.quantizer, mimi.upsample, mimi.decoder_transformer, mimi.decoder):
         if part is not None:
             part.to(torch.bfloat16)
+
+
+def _warn_without_native_bfloat16(precision: str, part: str) -> None:
+    if precision == "bfloat16" and not onednn.NATIVE_BFLOAT16:
+        logger.warning("bfloat16 %s on a CPU without bfloat16 support in oneDNN (it needs AVX-512 or AVX-NE-CONVERT): "
+                       "it runs on torch's generic kernels, slower than float32 here", part)  # fmt: skip

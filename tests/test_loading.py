@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pocket_tts.config import load_config
 from pocket_tts.files import ModelFileError
-from pocket_tts.models import kernels
+from pocket_tts.models import kernels, onednn
 from pocket_tts.models.tts_model import TTSModel, export_model_state
 from pocket_tts.weights import CheckpointError
 
@@ -238,6 +239,24 @@ def test_bfloat16_decoder_stays_close_to_float32(parity_dir, parity_model, monke
     assert reduced.dtype == torch.float32 and reduced.shape == full.shape
     # Same latents (the decoder does not feed back), each sample rounded: measured max 9.2e-3.
     assert 0 < (reduced - full).abs().max().item() < 0.05
+
+
+def test_bfloat16_runs_on_generic_kernels_with_a_warning_where_onednn_has_no_bfloat16(parity_dir, parity_model, monkeypatch, caplog):
+    # An AVX2-only CPU: oneDNN refuses bfloat16 weights ("bf16 path needs the cpu support ..."), so
+    # every decoder convolution and linear must take torch's own op instead of failing the job.
+    monkeypatch.setattr(onednn, "NATIVE_BFLOAT16", False)
+    packs, get = [], onednn.PackedWeight.get
+    monkeypatch.setattr(onednn.PackedWeight, "get", lambda self, weight, pack: packs.append(weight.dtype) or get(self, weight, pack))
+    with caplog.at_level(logging.WARNING, logger="pocket_tts.precision"):
+        model = TTSModel.load_model(config=parity_dir / "config.yaml", weights=parity_dir / "model.safetensors",
+                                    temp=0.0, eos_threshold=1e9, precision="bfloat16", decoder_precision="bfloat16")  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "without bfloat16 support" in r.getMessage()]
+    assert len(warned) == 2 and any("backbone" in m for m in warned) and any("Mimi decoder" in m for m in warned)
+    voice = parity_model.import_voice_state(parity_dir / "voice_state.safetensors")
+    reduced = model.generate_audio(voice, "Hello there.")
+    full = parity_model.generate_audio(voice, "Hello there.")
+    assert torch.bfloat16 not in packs  # no bfloat16 weight was handed to oneDNN
+    assert reduced.shape == full.shape and 0 < (reduced - full).abs().max().item() < 0.2
 
 
 def test_bad_precision_is_refused(parity_dir):

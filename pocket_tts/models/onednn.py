@@ -7,8 +7,9 @@ shapes (a 16-row linear: ~85 -> ~230 GFLOP/s on one EPYC core). The ops below
 are the mkldnn ones that torch.compile's CPU backend calls on frozen weights.
 
 Results match the plain ops to float32 rounding (a different summation order).
-bfloat16 weights (the opt-in bfloat16 Mimi decoder) run on oneDNN's AVX-512 BF16 kernels.
-Autograd, other devices or dtypes, and builds without oneDNN take the plain op.
+bfloat16 weights (the opt-in bfloat16 Mimi decoder) run on oneDNN's AVX-512 BF16 kernels where
+the CPU has bfloat16 support (`NATIVE_BFLOAT16`); elsewhere oneDNN refuses them and they take
+torch's own ops. Autograd, other devices or dtypes, and builds without oneDNN take the plain op.
 Convolutions are fastest on time-major memory ([B, C, T] views of [B, T, C]
 tensors, i.e. channels-last); they return the layout they are given.
 """
@@ -27,6 +28,9 @@ from pocket_tts.models import kernels
 
 _ops = torch.ops.mkldnn
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(_ops, "_convolution_transpose_pointwise")
+# oneDNN runs bfloat16 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on others (an AVX2
+# EPYC Zen 3) packing a bfloat16 weight raises "bf16 path needs the cpu support ...".
+NATIVE_BFLOAT16 = _ONEDNN and hasattr(_ops, "_is_mkldnn_bf16_supported") and bool(_ops._is_mkldnn_bf16_supported())
 
 
 # Below this many weight elements a oneDNN linear call costs more than MKL's whole matmul:
@@ -34,11 +38,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(_ops, "_convolution_t
 SMALL_LINEAR = 1 << 18
 
 
-_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _fast(weight: torch.Tensor) -> bool:
-    return _ONEDNN and weight.dtype in _DTYPES and weight.device.type == "cpu" and not torch.is_grad_enabled()
+    dtype_runs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and NATIVE_BFLOAT16)
+    return _ONEDNN and dtype_runs and weight.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def _fast_linear(weight: torch.Tensor) -> bool:
