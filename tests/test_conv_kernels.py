@@ -102,8 +102,11 @@ def test_decoder_on_the_kernel_streams_and_matches_torchs_path(monkeypatch, pad_
     with torch.no_grad():
         once = decoder(x, decoder.init_state(3))
         # Every ELU and the k=3 convs' history fused; with zero padding the last ELU is the final conv's.
-        fused_end = pad_mode == "constant"
-        assert len(calls) == 7 - fused_end and sum(1 for n in calls if n) == 3 - fused_end
+        # (Where oneDNN has no bfloat16, torch's bfloat16 convs return channel-major memory, whose ELUs
+        # take torch's ops: only the numbers below are checked there.)
+        if dtype == torch.float32 or onednn.NATIVE_BFLOAT16:
+            fused_end = pad_mode == "constant"
+            assert len(calls) == 7 - fused_end and sum(1 for n in calls if n) == 3 - fused_end
         pieces = decode_in_pieces(decoder, x, [1, 2, 4])
         monkeypatch.setattr(kernels, "elu_applies", lambda x: False)
         plain = decoder(x, decoder.init_state(3))
