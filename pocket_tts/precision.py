@@ -10,7 +10,7 @@ out in float32. Drift against float32 is measured in docs/performance.md.
 
 On CPUs without bfloat16 support (`onednn.NATIVE_BFLOAT16`, e.g. AVX2 only) bfloat16 still runs,
 on torch's generic kernels, but slower than float32 (an AVX2 EPYC, 18M layout, one stream: decoder
-~4x, backbone ~2x slower), so loading it logs a warning.
+3-4x, backbone ~2x slower), so loading it logs a warning.
 """
 
 from __future__ import annotations
